@@ -1,0 +1,1 @@
+"""Test helpers shipped with the framework: conformance suites and fixtures."""

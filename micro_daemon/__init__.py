@@ -1,0 +1,1 @@
+"""micro server: the daemon that serves every building block."""
