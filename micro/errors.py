@@ -21,7 +21,8 @@ is rebuilt on the caller's side as the same class, chosen by ``code``::
      ├── ServiceUnavailable        503
      │    └── ConnectError         the daemon or a service could not be reached
      ├── GatewayTimeout            504
-     └── RemoteError               a code outside this table
+     ├── RemoteError               a code outside this table
+     └── SetupError                the local set-up is wrong: a folder not writable, a port in use
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "PayloadTooLarge",
     "RemoteError",
     "ServiceUnavailable",
+    "SetupError",
     "Timeout",
     "TooManyRequests",
     "Unauthorized",
@@ -190,6 +192,13 @@ class GatewayTimeout(MicroError):
 
 class RemoteError(MicroError):
     """An error whose code has no class of its own."""
+
+
+class SetupError(MicroError):
+    """The local set-up prevents this: a folder that is not writable, a port in use.
+
+    Never sent over the wire; ``detail`` says what to change.
+    """
 
 
 _BY_CODE: dict[int, type[MicroError]] = {

@@ -1,0 +1,82 @@
+"""Binding a handler object to the proto service it implements."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
+__all__ = ["Method", "bind"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC of a bound handler: what it is called, its types and its shape."""
+
+    handler: str
+    descriptor: MethodDescriptor
+    request_type: type[Message]
+    response_type: type[Message]
+    func: Callable[..., Any]
+
+    @property
+    def name(self) -> str:
+        return self.descriptor.name
+
+    @property
+    def endpoint(self) -> str:
+        """Micro's endpoint name, e.g. ``Store.Read``."""
+        return f"{self.handler}.{self.descriptor.name}"
+
+    @property
+    def path(self) -> str:
+        """The gRPC path, e.g. ``/micro.store.v1.Store/Read``."""
+        return f"/{self.descriptor.containing_service.full_name}/{self.descriptor.name}"
+
+    @property
+    def client_streaming(self) -> bool:
+        return bool(self.descriptor.client_streaming)
+
+    @property
+    def server_streaming(self) -> bool:
+        return bool(self.descriptor.server_streaming)
+
+
+def bind(handler: object, service: ServiceDescriptor, name: str | None = None) -> list[Method]:
+    """Bind each RPC of ``service`` to the method of ``handler`` with the same name.
+
+    Unary methods are ``async def M(self, request, context) -> Response``;
+    server-streaming ones are async generators; client-streaming and
+    bidirectional ones take an async iterator of requests. Raises
+    ``TypeError`` naming the first RPC the handler lacks.
+    """
+    handler_name = name or service.name
+    methods = []
+    for rpc in service.methods:
+        func = getattr(handler, rpc.name, None)
+        if func is None or not callable(func):
+            raise TypeError(f"{type(handler).__name__} has no method {rpc.name} for {service.full_name}")
+        _check_shape(func, rpc)
+        methods.append(
+            Method(
+                handler=handler_name,
+                descriptor=rpc,
+                request_type=message_factory.GetMessageClass(rpc.input_type),
+                response_type=message_factory.GetMessageClass(rpc.output_type),
+                func=func,
+            )
+        )
+    return methods
+
+
+def _check_shape(func: Callable[..., Any], rpc: MethodDescriptor) -> None:
+    is_generator = inspect.isasyncgenfunction(func)
+    if rpc.server_streaming and not is_generator:
+        raise TypeError(f"{rpc.full_name} streams responses: {func.__qualname__} must be an async generator")
+    if not rpc.server_streaming and is_generator:
+        raise TypeError(f"{rpc.full_name} returns one response: {func.__qualname__} must not be a generator")

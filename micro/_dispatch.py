@@ -1,0 +1,194 @@
+"""Serving bound handlers on a ``grpc.aio`` server, for proto and JSON callers.
+
+Proto callers use the method's own gRPC path (``/micro.store.v1.Store/Read``).
+JSON callers (the CLI, the gateway) send metadata ``micro-codec: json`` and
+``micro-service: <name>`` to the path ``/<Handler>/<Method>``; their bodies are
+transcoded with the method's descriptors. Handlers raise ``micro.errors``;
+anything else is logged and answered as a 500 without its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from micro._binding import Method
+from micro._grpc_errors import grpc_status_for, trailing_metadata_for
+from micro.codec import decode_json, decode_proto, encode_json
+from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
+from micro.errors import InternalServerError, MicroError
+
+__all__ = ["CODEC_KEY", "SERVICE_KEY", "Dispatcher", "json_path"]
+
+log = logging.getLogger("micro.server")
+
+CODEC_KEY = "micro-codec"
+SERVICE_KEY = "micro-service"
+NAMESPACE_KEY = "micro-namespace"
+
+
+def json_path(endpoint: str) -> str:
+    """The path a JSON caller uses for ``Handler.Method``: ``/Handler/Method``."""
+    return "/" + endpoint.replace(".", "/", 1)
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    errors: int = 0
+
+
+Decoder = Callable[[bytes], Message]
+Encoder = Callable[[Message], bytes]
+
+
+class Dispatcher(grpc.GenericRpcHandler):
+    """Routes calls to bound methods by gRPC path, or by service and endpoint for JSON callers."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, tuple[str, Method]] = {}
+        self._by_endpoint: dict[tuple[str, str], Method] = {}
+        self.counters = Counters()
+
+    def add(self, service: str, methods: list[Method]) -> None:
+        """Serve ``methods`` as part of ``service``."""
+        for method in methods:
+            self._by_path.setdefault(method.path, (service, method))
+            self._by_endpoint[(service, method.endpoint)] = method
+
+    def find(self, service: str, endpoint: str) -> Method | None:
+        return self._by_endpoint.get((service, endpoint))
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        metadata = dict(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        path: str = handler_call_details.method  # type: ignore[attr-defined]
+        if metadata.get(CODEC_KEY) == "json":
+            service = str(metadata.get(SERVICE_KEY, ""))
+            method = self._by_endpoint.get((service, path.lstrip("/").replace("/", ".", 1)))
+            if method is None:
+                return None
+            return self._handler(service, method, _json_codec(method))
+        found = self._by_path.get(path)
+        if found is None:
+            return None
+        service, method = found
+        return self._handler(str(metadata.get(SERVICE_KEY) or service), method, _proto_codec(method))
+
+    def _handler(self, service: str, method: Method, codec: tuple[Decoder, Encoder]) -> grpc.RpcMethodHandler:
+        decode, encode = codec
+        call = _Call(self, service, method, decode, encode)
+        if method.client_streaming and method.server_streaming:
+            return grpc.stream_stream_rpc_method_handler(call.bidi)
+        if method.client_streaming:
+            return grpc.stream_unary_rpc_method_handler(call.client_stream)
+        if method.server_streaming:
+            return grpc.unary_stream_rpc_method_handler(call.server_stream)
+        return grpc.unary_unary_rpc_method_handler(call.unary)
+
+
+def _json_codec(method: Method) -> tuple[Decoder, Encoder]:
+    return (lambda data: decode_json(data, method.request_type)), encode_json
+
+
+def _proto_codec(method: Method) -> tuple[Decoder, Encoder]:
+    return (lambda data: decode_proto(data, method.request_type)), (lambda m: m.SerializeToString())
+
+
+class _Call:
+    """The four call shapes around one bound method, with errors mapped to statuses."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, service: str, method: Method, decode: Decoder, encode: Encoder
+    ) -> None:
+        self.counters = dispatcher.counters
+        self.service = service
+        self.method = method
+        self.decode = decode
+        self.encode = encode
+
+    async def unary(self, data: bytes, grpc_context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        async with _serving(self, grpc_context) as ctx:
+            response = await self.method.func(self.decode(data), ctx)
+            return self.encode(response)
+        raise AssertionError("unreachable")  # _serving aborts on every error
+
+    async def server_stream(
+        self, data: bytes, grpc_context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        async with _serving(self, grpc_context) as ctx:
+            async for response in self.method.func(self.decode(data), ctx):
+                yield self.encode(response)
+
+    async def client_stream(
+        self, requests: AsyncIterator[bytes], grpc_context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        async with _serving(self, grpc_context) as ctx:
+            response = await self.method.func(self._decoded(requests), ctx)
+            return self.encode(response)
+        raise AssertionError("unreachable")
+
+    async def bidi(
+        self, requests: AsyncIterator[bytes], grpc_context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        async with _serving(self, grpc_context) as ctx:
+            async for response in self.method.func(self._decoded(requests), ctx):
+                yield self.encode(response)
+
+    async def _decoded(self, requests: AsyncIterator[bytes]) -> AsyncIterator[Message]:
+        async for data in requests:
+            yield self.decode(data)
+
+
+class _serving:
+    """Builds the handler's Context, counts the call and turns exceptions into statuses."""
+
+    def __init__(self, call: _Call, grpc_context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.call = call
+        self.grpc_context = grpc_context
+
+    async def __aenter__(self) -> Context:
+        self.call.counters.requests += 1
+        try:
+            return self._context()
+        except MicroError as error:
+            await self._abort(error)
+            raise
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, Exception) or _is_abort(exc):
+            return False
+        await self._abort(exc if isinstance(exc, MicroError) else self._unexpected(exc))
+        return False  # abort raises; this is never reached
+
+    def _context(self) -> Context:
+        metadata = {k: v for k, v in self.grpc_context.invocation_metadata() or () if isinstance(v, str)}
+        remaining = self.grpc_context.time_remaining()
+        return Context(
+            namespace=validate_namespace(metadata.get(NAMESPACE_KEY) or DEFAULT_NAMESPACE),
+            metadata=metadata,
+            service=self.call.service,
+            endpoint=self.call.method.endpoint,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+
+    async def _abort(self, error: MicroError) -> None:
+        self.call.counters.errors += 1
+        if not error.id:
+            error.id = self.call.service
+        await self.grpc_context.abort(
+            grpc_status_for(error), error.detail, trailing_metadata=trailing_metadata_for(error)
+        )
+
+    def _unexpected(self, exc: Exception) -> MicroError:
+        log.exception("unexpected error in %s %s", self.call.service, self.call.method.endpoint)
+        return InternalServerError(f"{self.call.method.endpoint} failed: {type(exc).__name__}: {exc}")
+
+
+def _is_abort(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError"

@@ -1,0 +1,89 @@
+"""Calling services by name, with typed messages or JSON."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import TypeVar
+
+from google.protobuf.message import Message
+
+from micro._dispatch import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY, json_path
+from micro.codec import decode_proto
+from micro.context import DEFAULT_NAMESPACE, validate_namespace
+from micro.errors import BadRequest
+from micro.transport import Metadata, Transport
+
+__all__ = ["Client"]
+
+M = TypeVar("M", bound=Message)
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class Client:
+    """Calls services through one transport, as one namespace.
+
+    ``call``/``stream`` take and return generated message types and use the
+    method's own gRPC path; ``call_json``/``stream_json`` name the endpoint as
+    ``Handler.Method`` and let the server transcode JSON.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.namespace = validate_namespace(namespace)
+        self.timeout = timeout
+        self.metadata = dict(metadata or {})
+
+    async def call(self, service: str, path: str, request: Message, response_type: type[M]) -> M:
+        """Call the unary RPC at gRPC ``path`` (``/pkg.Service/Method``) of ``service``."""
+        data = await self.transport.unary(
+            path, request.SerializeToString(), metadata=self._metadata(service), timeout=self.timeout
+        )
+        return decode_proto(data, response_type)
+
+    async def stream(
+        self, service: str, path: str, request: Message, response_type: type[M]
+    ) -> AsyncIterator[M]:
+        """Call the server-streaming RPC at ``path`` and yield each response."""
+        responses = self.transport.server_stream(
+            path, request.SerializeToString(), metadata=self._metadata(service), timeout=None
+        )
+        async for data in responses:
+            yield decode_proto(data, response_type)
+
+    async def call_json(self, service: str, endpoint: str, body: bytes) -> bytes:
+        """Call ``Handler.Method`` of ``service`` with a JSON body; return the JSON response."""
+        return await self.transport.unary(
+            _endpoint_path(endpoint), body, metadata=self._metadata(service, json=True), timeout=self.timeout
+        )
+
+    async def stream_json(self, service: str, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
+        """Call a server-streaming ``Handler.Method`` with a JSON body; yield each JSON response."""
+        responses = self.transport.server_stream(
+            _endpoint_path(endpoint), body, metadata=self._metadata(service, json=True), timeout=None
+        )
+        async for data in responses:
+            yield data
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    def _metadata(self, service: str, *, json: bool = False) -> Metadata:
+        metadata = [*self.metadata.items(), (SERVICE_KEY, service), (NAMESPACE_KEY, self.namespace)]
+        if json:
+            metadata.append((CODEC_KEY, "json"))
+        return metadata
+
+
+def _endpoint_path(endpoint: str) -> str:
+    handler, dot, method = endpoint.partition(".")
+    if not dot or not handler or not method or "." in method:
+        raise BadRequest(f"endpoint {endpoint!r} is not of the form Handler.Method, e.g. Store.Read")
+    return json_path(endpoint)

@@ -1,0 +1,103 @@
+"""The transport seam: how a client's calls reach a server.
+
+``Client`` and the building blocks' typed clients speak only to a
+``Transport``. ``GrpcTransport`` is the real one; ``MockTransport`` answers
+from a function, so tests of client code need no socket.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from micro._grpc_errors import map_grpc_exceptions
+
+if TYPE_CHECKING:
+    import grpc.aio
+
+__all__ = ["GrpcTransport", "Metadata", "MockTransport", "Transport"]
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class Transport(abc.ABC):
+    """Carries one call's request bytes to a server and its response bytes back.
+
+    Implementations raise ``micro.errors.MicroError`` subclasses only (for a
+    refused connection, ``ConnectError``), never a library's own exceptions.
+    """
+
+    @abc.abstractmethod
+    async def unary(self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None) -> bytes:
+        """Send one request to ``path`` and return the one response."""
+
+    @abc.abstractmethod
+    def server_stream(
+        self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[bytes]:
+        """Send one request to ``path`` and yield each response as it arrives."""
+
+    async def close(self) -> None:  # noqa: B027  # optional hook
+        """Release connections. Must not raise."""
+
+
+class GrpcTransport(Transport):
+    """A gRPC channel to ``address`` (``host:port``), opened on first use."""
+
+    def __init__(self, address: str, *, secure: bool = False) -> None:
+        self.address = address
+        self.secure = secure
+        self._channel: grpc.aio.Channel | None = None
+
+    def _open(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            import grpc.aio
+
+            options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            if self.secure:
+                credentials = grpc.ssl_channel_credentials()
+                self._channel = grpc.aio.secure_channel(self.address, credentials, options=options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        return self._channel
+
+    async def unary(self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None) -> bytes:
+        call = self._open().unary_unary(path)
+        with map_grpc_exceptions(address=self.address):
+            response: bytes = await call(request, metadata=tuple(metadata), timeout=timeout)
+        return response
+
+    async def server_stream(
+        self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[bytes]:
+        call = self._open().unary_stream(path)(request, metadata=tuple(metadata), timeout=timeout)
+        try:
+            with map_grpc_exceptions(address=self.address):
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
+
+
+UnaryHandler = Callable[[str, bytes, Metadata], Awaitable[bytes]]
+
+
+class MockTransport(Transport):
+    """Answers every unary call with ``handler(path, request, metadata)``; streams yield that one answer."""
+
+    def __init__(self, handler: UnaryHandler) -> None:
+        self.handler = handler
+
+    async def unary(self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None) -> bytes:
+        return await self.handler(path, request, metadata)
+
+    async def server_stream(
+        self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[bytes]:
+        yield await self.handler(path, request, metadata)

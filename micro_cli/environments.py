@@ -1,0 +1,151 @@
+"""Environments (which daemon the CLI talks to) and the namespace chosen in each.
+
+Kept in ``config.json`` under the config directory::
+
+    {"env": "local",
+     "envs": {"prod": {"address": "10.0.0.5:8081", "description": "..."}},
+     "namespaces": {"local": "micro"}}
+
+The built-in ``local`` environment is the daemon of this ``MICRO_HOME``,
+started on demand; it cannot be deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from difflib import get_close_matches
+from typing import Any
+
+from micro.context import DEFAULT_NAMESPACE, validate_namespace
+from micro.errors import MicroError
+from micro.home import Home, write_private
+from micro_cli.errors import HandledError, UsageError
+
+__all__ = ["LOCAL", "Environment", "Environments"]
+
+LOCAL = "local"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class EnvironmentError_(HandledError):
+    """An environment that does not exist, or may not be changed."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A named daemon address. ``address`` is empty for ``local`` (found through the state file)."""
+
+    name: str
+    address: str
+    description: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.name == LOCAL
+
+
+_BUILTIN = Environment(LOCAL, "", "the micro server of this machine, started on demand")
+
+
+class Environments:
+    """Reads and changes the CLI's environments and namespaces."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.path = home.config_dir / "config.json"
+
+    def list(self) -> list[Environment]:
+        data = self._load()
+        added = [Environment(n, e.get("address", ""), e.get("description", "")) for n, e in data["envs"].items()]
+        return [_BUILTIN, *sorted(added, key=lambda e: e.name)]
+
+    def current(self) -> str:
+        return str(self._load()["env"])
+
+    def get(self, name: str) -> Environment:
+        for env in self.list():
+            if env.name == name:
+                return env
+        names = [e.name for e in self.list()]
+        hint = get_close_matches(name, names, n=1)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise EnvironmentError_(
+            f"no environment named {name!r}.{suggestion} Known: {', '.join(names)}; add one with "
+            "`micro env add NAME HOST:PORT`"
+        )
+
+    def set_current(self, name: str) -> None:
+        self.get(name)
+        with self._editing() as data:
+            data["env"] = name
+
+    def add(self, name: str, address: str, description: str = "") -> Environment:
+        if not _NAME.match(name):
+            raise UsageError(f"invalid environment name {name!r}: use letters, digits, '_' and '-'")
+        if name == LOCAL:
+            raise EnvironmentError_("'local' is built in and cannot be redefined; choose another name")
+        env = Environment(name, _normalize_address(address), description)
+        with self._editing() as data:
+            data["envs"][name] = {"address": env.address, "description": description}
+        return env
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        if name == LOCAL:
+            raise EnvironmentError_("'local' is built in and cannot be deleted")
+        with self._editing() as data:
+            if data["env"] == name:
+                raise EnvironmentError_(
+                    f"{name!r} is the current environment: switch first with `micro env set local`"
+                )
+            del data["envs"][name]
+            data["namespaces"].pop(name, None)
+
+    def namespace(self, env: str) -> str:
+        return str(self._load()["namespaces"].get(env, DEFAULT_NAMESPACE))
+
+    def set_namespace(self, env: str, namespace: str) -> None:
+        self.get(env)
+        try:
+            validate_namespace(namespace)
+        except MicroError as exc:
+            raise UsageError(str(exc)) from None
+        with self._editing() as data:
+            data["namespaces"][env] = namespace
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as exc:
+            raise EnvironmentError_(f"cannot read {self.path}: {exc}; fix or remove the file") from exc
+        data.setdefault("env", LOCAL)
+        data.setdefault("envs", {})
+        data.setdefault("namespaces", {})
+        return data
+
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[dict[str, Any]]:
+        self.home.ensure()
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._load()
+            yield data
+            write_private(self.path, json.dumps(data, indent=2).encode())
+
+
+def _normalize_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return f"{address}:443"  # as Micro: an address without a port is a TLS endpoint
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"invalid address {address!r}: use HOST:PORT, e.g. 10.0.0.5:8081")
+    return address

@@ -1,0 +1,68 @@
+"""``micro env``: list, choose, add and delete environments."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from micro.home import Home
+from micro_cli.environments import Environments
+from micro_cli.output import Output, print_json, print_table
+from micro_cli.session import options
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Choose which micro server commands talk to.", invoke_without_command=True)
+
+
+def _envs() -> Environments:
+    return Environments(Home.from_env())
+
+
+@app.callback()
+def list_envs(
+    ctx: typer.Context,
+    output: Annotated[Output | None, typer.Option("--output", help="table or json.")] = None,
+) -> None:
+    """List environments; * marks the current one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    envs = _envs()
+    current = options.env or envs.current()
+    rows = [(e.name, e.address or "this machine", e.description) for e in envs.list()]
+    if output is Output.json:
+        print_json([{"name": n, "address": a, "description": d, "current": n == current} for n, a, d in rows])
+        return
+    print_table(["", "NAME", "ADDRESS", "DESCRIPTION"], [("*" if r[0] == current else "", *r) for r in rows])
+
+
+@app.command()
+def get() -> None:
+    """Print the current environment's name."""
+    print(options.env or _envs().current())
+
+
+@app.command("set")
+def set_(name: Annotated[str, typer.Argument(help="Environment to use from now on.")]) -> None:
+    """Choose the environment for every following command."""
+    _envs().set_current(name)
+    print(f"Environment set to {name}")
+
+
+@app.command()
+def add(
+    name: Annotated[str, typer.Argument(help="Name of the new environment.")],
+    address: Annotated[str, typer.Argument(help="Its micro server's HOST:PORT.")],
+    description: Annotated[str, typer.Option("--description", "-d", help="A note on what it is.")] = "",
+) -> None:
+    """Add (or change) an environment."""
+    env = _envs().add(name, address, description)
+    print(f"Environment {env.name} added ({env.address}); use it with `micro env set {env.name}`")
+
+
+@app.command("del")
+def delete(name: Annotated[str, typer.Argument(help="Environment to delete.")]) -> None:
+    """Delete an environment (not the current one, and never 'local')."""
+    _envs().delete(name)
+    print(f"Environment {name} deleted")

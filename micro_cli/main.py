@@ -1,0 +1,79 @@
+"""The ``micro`` command: global options, command groups, and error reporting."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from micro import __version__
+from micro.errors import MicroError
+from micro_cli import call, config, environments_cmd, registry, server, store, user
+from micro_cli.errors import HandledError, exit_code_for
+from micro_cli.output import report_error
+from micro_cli.session import options
+
+__all__ = ["app", "main"]
+
+
+class MicroGroup(TyperGroup):
+    """Turns expected failures of any sub-command into one line and a documented exit code."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HandledError as exc:
+            report_error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except MicroError as exc:
+            report_error(exc.detail or type(exc).__name__)
+            raise typer.Exit(exit_code_for(exc)) from None
+
+
+app = typer.Typer(
+    name="micro",
+    cls=MicroGroup,
+    help="micro: build, run and call Python services.",
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: rendering it with rich costs more than the rest of start-up
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"micro {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    env: Annotated[
+        str | None, typer.Option("--env", "-e", envvar="MICRO_ENV", help="Environment to use for this command.")
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n", envvar="MICRO_NAMESPACE", help="Namespace to use for this command."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    options.env = env
+    options.namespace = namespace
+
+
+app.command("server", help=server.server.__doc__)(server.server)
+app.command("services")(registry.services)
+app.add_typer(registry.get_app, name="get")
+app.command("call")(call.call)
+app.add_typer(store.app, name="store")
+app.add_typer(config.app, name="config")
+app.add_typer(environments_cmd.app, name="env")
+app.add_typer(user.app, name="user")
+
+
+def main() -> None:
+    app()

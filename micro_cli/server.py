@@ -1,0 +1,34 @@
+"""``micro server``: the daemon in the foreground."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+__all__ = ["server"]
+
+
+def server(
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="gRPC proxy address HOST:PORT [env MICRO_SERVER_ADDRESS; 127.0.0.1:8081]"),
+    ] = None,
+    api_address: Annotated[
+        str | None,
+        typer.Option("--api-address", help="HTTP API address HOST:PORT [env MICRO_API_ADDRESS; 127.0.0.1:8080]"),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Backend profile [env MICRO_PROFILE; local]")
+    ] = None,
+) -> None:
+    """Run the micro server (every building block) in the foreground until Ctrl-C."""
+    import logging
+
+    from micro.home import Home
+    from micro_daemon.app import run
+    from micro_daemon.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load(address=address, api_address=api_address, profile=profile)
+    run(settings, Home.from_env())

@@ -1,0 +1,247 @@
+"""The daemon's assembly: backends, building blocks, the gRPC server, and its life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+import uuid
+from importlib import resources
+from typing import IO, Any
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import ServiceDescriptor
+
+from micro import __version__
+from micro._binding import Method, bind
+from micro._dispatch import Dispatcher
+from micro.errors import SetupError
+from micro.home import DaemonState, Home
+from micro.proto import config_pb2, debug_pb2, registry_pb2, store_pb2
+from micro.schema import endpoints
+from micro_daemon.config.engine import ConfigEngine
+from micro_daemon.config.secrets import SecretBox
+from micro_daemon.config.service import ConfigHandler
+from micro_daemon.debug import DebugHandler
+from micro_daemon.registry.backend import RegistryBackend
+from micro_daemon.registry.memory import MemoryRegistry
+from micro_daemon.registry.service import RegistryHandler
+from micro_daemon.settings import Settings, parse_address
+from micro_daemon.store.backend import StoreBackend
+from micro_daemon.store.service import StoreHandler
+
+__all__ = ["Daemon", "run"]
+
+log = logging.getLogger("micro.server")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+PURGE_INTERVAL = 60.0
+EXPIRE_INTERVAL = 1.0
+BLOCKS_DOMAIN = "micro"
+
+
+class Daemon:
+    """One process serving every building block over gRPC on ``settings.address``."""
+
+    def __init__(self, settings: Settings, home: Home) -> None:
+        self.settings = settings
+        self.home = home
+        self.address = settings.address
+        self._lock_file: IO[str] | None = None
+        self._server: grpc.aio.Server | None = None
+        self._store: StoreBackend | None = None
+        self._registry: RegistryBackend | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._blocks: list[registry_pb2.Service] = []
+        self.dispatcher = Dispatcher()
+
+    async def start(self) -> None:
+        """Open the backends, bind the port, register the blocks and publish the state file."""
+        self.home.ensure()
+        self._lock()
+        try:
+            await self._open_backends()
+            await self._serve()
+        except BaseException:
+            await self.stop()
+            raise
+        self.home.write_state(
+            DaemonState(
+                pid=os.getpid(),
+                address=self.address,
+                api_address=self.settings.api_address,
+                started=time.time(),
+                version=__version__,
+            )
+        )
+        log.info("micro server %s listening on %s (MICRO_HOME %s)", __version__, self.address, self.home.data_dir)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Drain in-flight calls, flush and close the backends, remove the state file. Never raises."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._registry is not None:
+            await self._registry.close()
+        if self._store is not None:
+            await self._store.close()
+        if self._lock_file is not None:
+            self.home.clear_state(os.getpid())
+            self._lock_file.close()
+            self._lock_file = None
+        log.info("micro server stopped")
+
+    def _lock(self) -> None:
+        lock = open(self.home.server_lock, "a+")  # noqa: SIM115  # held open for the daemon's life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            state = self.home.read_state()
+            pid = f" (pid {state.pid}, {state.address})" if state else ""
+            raise SetupError(
+                f"a micro server is already running for {self.home.state_dir}{pid}: stop it first, "
+                "or set MICRO_HOME to another folder",
+                id="micro.server",
+            ) from None
+        self._lock_file = lock
+
+    async def _open_backends(self) -> None:
+        from micro_daemon.store.backends.sqlite import SQLiteBackend
+
+        if self.settings.store_address == "memory":
+            from micro_daemon.store.backends.memory import MemoryBackend
+
+            self._store = MemoryBackend()
+        else:
+            self._store = await SQLiteBackend(self.home.data_dir / "store.db").open()
+        self._registry = MemoryRegistry()
+        secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
+        handlers: dict[str, tuple[object, ServiceDescriptor]] = {
+            "store": (StoreHandler(self._store), store_pb2.DESCRIPTOR.services_by_name["Store"]),
+            "config": (
+                ConfigHandler(ConfigEngine(self._store, secrets)),
+                config_pb2.DESCRIPTOR.services_by_name["Config"],
+            ),
+            "registry": (
+                RegistryHandler(self._registry, default_ttl=float(self.settings.registry_ttl)),
+                registry_pb2.DESCRIPTOR.services_by_name["Registry"],
+            ),
+        }
+        debug = DebugHandler(self.dispatcher.counters, {"store": self._store.health})
+        debug_methods = bind(debug, debug_pb2.DESCRIPTOR.services_by_name["Debug"])
+        for name, (handler, descriptor) in handlers.items():
+            methods = bind(handler, descriptor)
+            self.dispatcher.add(name, methods + debug_methods)
+            self._blocks.append(_block_entry(name, descriptor, methods + debug_methods))
+
+    async def _serve(self) -> None:
+        host, port = parse_address(self.address)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers((self.dispatcher,))
+        try:
+            bound = server.add_insecure_port(self.address)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise SetupError(
+                f"cannot listen on {self.address}: port {port} is in use or the address is not this "
+                f"machine's; choose another with --address {host}:PORT or MICRO_SERVER_ADDRESS",
+                id="micro.server",
+            )
+        self.address = f"{host}:{bound}"
+        await server.start()
+        self._server = server
+        await self._register_blocks()
+        self._tasks = [
+            asyncio.create_task(self._every(PURGE_INTERVAL, self._purge)),
+            asyncio.create_task(self._every(EXPIRE_INTERVAL, self._expire)),
+            asyncio.create_task(self._every(float(self.settings.registry_ttl) / 3, self._register_blocks)),
+        ]
+
+    async def _register_blocks(self) -> None:
+        assert self._registry is not None
+        ttl = float(self.settings.registry_ttl)
+        for block in self._blocks:
+            block.nodes[0].address = self.address
+            await self._registry.register(BLOCKS_DOMAIN, block, ttl)
+
+    async def _purge(self) -> None:
+        assert self._store is not None
+        purged = await self._store.purge_expired()
+        if purged:
+            log.info("purged %d expired records", purged)
+
+    async def _expire(self) -> None:
+        assert self._registry is not None
+        await self._registry.expire()
+
+    @staticmethod
+    async def _every(interval: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except Exception:
+                log.exception("background job %s failed", getattr(job, "__name__", job))
+
+
+def _block_entry(name: str, descriptor: ServiceDescriptor, methods: list[Method]) -> registry_pb2.Service:
+    """The registry entry of a building block, with the schema (and comments) of its protos."""
+    services = {m.descriptor.containing_service for m in methods}
+    return registry_pb2.Service(
+        name=name,
+        version=__version__,
+        metadata={"type": "building-block"},
+        nodes=[registry_pb2.Node(id=f"{name}-{uuid.uuid4()}", metadata={"protocol": "grpc"})],
+        endpoints=[e for s in sorted(services, key=lambda s: s.full_name) for e in endpoints(s)],
+        schema=_blocks_schema({s.file.name for s in services}),
+    )
+
+
+def _blocks_schema(files: set[str]) -> bytes:
+    data = resources.files("micro.proto").joinpath("blocks.binpb").read_bytes()
+    full = descriptor_pb2.FileDescriptorSet.FromString(data)
+    subset = descriptor_pb2.FileDescriptorSet(file=[f for f in full.file if f.name in files])
+    return subset.SerializeToString()
+
+
+def run(settings: Settings, home: Home) -> None:
+    """Run the daemon in the foreground until SIGINT or SIGTERM (a second Ctrl-C exits at once)."""
+    asyncio.run(_run(settings, home))
+
+
+async def _run(settings: Settings, home: Home) -> None:
+    daemon = Daemon(settings, home)
+    await daemon.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            os._exit(130)  # a second Ctrl-C: the user wants out now
+        stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await stopping.wait()
+        log.info("shutting down")
+    finally:
+        await daemon.stop()

@@ -1,0 +1,58 @@
+"""The config service: namespaces, JSON values and watches over a ``ConfigEngine``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
+from micro.errors import Forbidden
+from micro.proto import config_pb2
+from micro_daemon.config.engine import ConfigEngine
+from micro_daemon.config.tree import parse_value
+
+__all__ = ["ConfigHandler"]
+
+
+class ConfigHandler:
+    """Serves ``micro.config.v1.Config``."""
+
+    def __init__(self, engine: ConfigEngine) -> None:
+        self.engine = engine
+
+    async def Get(self, request: config_pb2.GetRequest, context: Context) -> config_pb2.GetResponse:
+        namespace = _namespace(request.namespace, context)
+        value = await self.engine.get(namespace, request.path, reveal=request.options.secret)
+        return config_pb2.GetResponse(value=_value(value))
+
+    async def Set(self, request: config_pb2.SetRequest, context: Context) -> config_pb2.SetResponse:
+        namespace = _namespace(request.namespace, context)
+        await self.engine.set(
+            namespace, request.path, _parse(request.value.data), secret=request.options.secret
+        )
+        return config_pb2.SetResponse()
+
+    async def Delete(self, request: config_pb2.DeleteRequest, context: Context) -> config_pb2.DeleteResponse:
+        await self.engine.delete(_namespace(request.namespace, context), request.path)
+        return config_pb2.DeleteResponse()
+
+    async def Watch(
+        self, request: config_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[config_pb2.WatchResponse]:
+        namespace = _namespace(request.namespace, context)
+        # async with: the watch is released even when the caller cancels the stream
+        async with self.engine.watch(namespace, request.path, reveal=request.options.secret) as changes:
+            async for path, value in changes:
+                yield config_pb2.WatchResponse(path=path, value=_value(value))
+
+
+def _namespace(namespace: str, context: Context) -> str:
+    namespace = validate_namespace(namespace) if namespace else context.namespace
+    if namespace != context.namespace and context.namespace != DEFAULT_NAMESPACE:
+        raise Forbidden(f"namespace {context.namespace!r} may not use the config of {namespace!r}")
+    return namespace
+
+
+def _value(value: Any) -> config_pb2.Value:
+    return config_pb2.Value(data=json.dumps(value), format="json")

@@ -1,0 +1,58 @@
+"""The daemon's settings, defined once: each field names its ``MICRO_*`` variable and its default.
+
+Precedence: an explicit value (a CLI flag), then the environment, then the default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from micro.errors import SetupError
+
+__all__ = ["Settings", "parse_address"]
+
+
+def _setting(env: str, default: str, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``micro server`` can be told."""
+
+    address: str = _setting("MICRO_SERVER_ADDRESS", "127.0.0.1:8081", "gRPC proxy address, HOST:PORT")
+    api_address: str = _setting("MICRO_API_ADDRESS", "127.0.0.1:8080", "HTTP API gateway address, HOST:PORT")
+    profile: str = _setting("MICRO_PROFILE", "local", "backend profile: local")
+    store_address: str = _setting("MICRO_STORE_ADDRESS", "", "store engine; empty: SQLite under MICRO_HOME")
+    registry_ttl: str = _setting("MICRO_REGISTRY_TTL", "90", "seconds a node stays registered without a heartbeat")
+
+    @classmethod
+    def load(cls, **overrides: str | None) -> Settings:
+        """Settings from the environment, with non-``None`` ``overrides`` taking precedence."""
+        values: dict[str, str] = {}
+        for f in fields(cls):
+            given = overrides.get(f.name)
+            values[f.name] = given if given is not None else os.environ.get(f.metadata["env"], f.default)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        parse_address(self.address, "MICRO_SERVER_ADDRESS / --address")
+        parse_address(self.api_address, "MICRO_API_ADDRESS / --api-address")
+        if self.profile not in ("local",):
+            raise SetupError(f"unknown profile {self.profile!r}: the profiles are: local", id="micro.server")
+        try:
+            float(self.registry_ttl)
+        except ValueError:
+            raise SetupError(f"MICRO_REGISTRY_TTL={self.registry_ttl!r} is not a number of seconds") from None
+
+
+def parse_address(address: str, what: str = "address") -> tuple[str, int]:
+    """Split ``HOST:PORT``; ``SetupError`` naming ``what`` if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SetupError(f"{what}: {address!r} is not HOST:PORT (e.g. 127.0.0.1:8081)", id="micro.server")
+    return host.strip("[]"), int(port)
