@@ -55,8 +55,10 @@ class RegistryHandler:
         self, request: registry_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[registry_pb2.Result]:
         domain = _domain(request.options.domain, context, write=False)
-        async for result in self.backend.watch(domain, request.service):
-            yield result
+        # async with: the watcher is released as soon as the caller cancels the stream
+        async with self.backend.watch(domain, request.service) as watcher:
+            async for result in watcher:
+                yield result
 
 
 def _domain(domain: str, context: Context, *, write: bool) -> str:

@@ -1,0 +1,1 @@
+"""The config building block: a JSON tree per namespace, with secret leaves."""
