@@ -48,7 +48,7 @@ Decoder = Callable[[bytes], Message]
 Encoder = Callable[[Message], bytes]
 
 
-class Dispatcher(grpc.GenericRpcHandler):
+class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     """Routes calls to bound methods by gRPC path, or by service and endpoint for JSON callers."""
 
     def __init__(self) -> None:
@@ -66,8 +66,8 @@ class Dispatcher(grpc.GenericRpcHandler):
         return self._by_endpoint.get((service, endpoint))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        metadata = dict(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        path: str = handler_call_details.method  # type: ignore[attr-defined]
+        metadata = dict(handler_call_details.invocation_metadata)
+        path: str = handler_call_details.method
         if metadata.get(CODEC_KEY) == "json":
             service = str(metadata.get(SERVICE_KEY, ""))
             method = self._by_endpoint.get((service, path.lstrip("/").replace("/", ".", 1)))
@@ -160,7 +160,9 @@ class _serving:
             await self._abort(error)
             raise
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool:
         if exc is None or not isinstance(exc, Exception) or _is_abort(exc):
             return False
         await self._abort(exc if isinstance(exc, MicroError) else self._unexpected(exc))

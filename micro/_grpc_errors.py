@@ -66,9 +66,9 @@ def trailing_metadata_for(error: MicroError) -> tuple[tuple[str, str], ...]:
 
 def error_from_rpc(exc: grpc.RpcError, *, address: str = "", service: str = "") -> MicroError:
     """Rebuild the ``MicroError`` an ``RpcError`` carries (or derive one from its status)."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    details: str = exc.details() or ""  # type: ignore[attr-defined]
-    payload = _metadata_value(exc.trailing_metadata(), ERROR_METADATA_KEY)  # type: ignore[attr-defined]
+    code: grpc.StatusCode = exc.code()
+    details: str = exc.details() or ""
+    payload = _metadata_value(exc.trailing_metadata(), ERROR_METADATA_KEY)
     if payload:
         try:
             return MicroError.from_dict(json.loads(payload))
@@ -93,7 +93,9 @@ def map_grpc_exceptions(*, address: str = "", service: str = "") -> Iterator[Non
 
 def _is_connect_failure(details: str) -> bool:
     lowered = details.lower()
-    return any(s in lowered for s in ("failed to connect", "connection refused", "dns resolution", "no address"))
+    return any(
+        s in lowered for s in ("failed to connect", "connection refused", "dns resolution", "no address")
+    )
 
 
 def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str | None:

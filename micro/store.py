@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 from micro.client import Client
 from micro.proto import store_pb2
 
@@ -66,7 +68,7 @@ class StoreClient:
 
     async def list(
         self, *, prefix: str = "", suffix: str = "", limit: int = 0, offset: int = 0, order: str = ""
-    ) -> list[str]:
+    ) -> builtins.list[str]:
         options = store_pb2.ListOptions(
             database=self.database,
             table=self.table,
@@ -76,7 +78,7 @@ class StoreClient:
             offset=offset,
             order=order,
         )
-        keys: list[str] = []
+        keys: builtins.list[str] = []
         stream = self.client.stream(
             _SERVICE, _PATH + "List", store_pb2.ListRequest(options=options), store_pb2.ListResponse
         )
@@ -84,13 +86,13 @@ class StoreClient:
             keys.extend(page.keys)
         return keys
 
-    async def databases(self) -> list[str]:
+    async def databases(self) -> builtins.list[str]:
         response = await self.client.call(
             _SERVICE, _PATH + "Databases", store_pb2.DatabasesRequest(), store_pb2.DatabasesResponse
         )
         return list(response.databases)
 
-    async def tables(self) -> list[str]:
+    async def tables(self) -> builtins.list[str]:
         request = store_pb2.TablesRequest(database=self.database)
         response = await self.client.call(_SERVICE, _PATH + "Tables", request, store_pb2.TablesResponse)
         return list(response.tables)

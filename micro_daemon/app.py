@@ -80,7 +80,9 @@ class Daemon:
                 version=__version__,
             )
         )
-        log.info("micro server %s listening on %s (MICRO_HOME %s)", __version__, self.address, self.home.data_dir)
+        log.info(
+            "micro server %s listening on %s (MICRO_HOME %s)", __version__, self.address, self.home.data_dir
+        )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain in-flight calls, flush and close the backends, remove the state file. Never raises."""
@@ -102,7 +104,7 @@ class Daemon:
         log.info("micro server stopped")
 
     def _lock(self) -> None:
-        lock = open(self.home.server_lock, "a+")  # noqa: SIM115  # held open for the daemon's life
+        lock = open(self.home.server_lock, "a+")  # held open for the daemon's life
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -26,7 +26,9 @@ class Settings:
     api_address: str = _setting("MICRO_API_ADDRESS", "127.0.0.1:8080", "HTTP API gateway address, HOST:PORT")
     profile: str = _setting("MICRO_PROFILE", "local", "backend profile: local")
     store_address: str = _setting("MICRO_STORE_ADDRESS", "", "store engine; empty: SQLite under MICRO_HOME")
-    registry_ttl: str = _setting("MICRO_REGISTRY_TTL", "90", "seconds a node stays registered without a heartbeat")
+    registry_ttl: str = _setting(
+        "MICRO_REGISTRY_TTL", "90", "seconds a node stays registered without a heartbeat"
+    )
 
     @classmethod
     def load(cls, **overrides: str | None) -> Settings:
@@ -34,7 +36,7 @@ class Settings:
         values: dict[str, str] = {}
         for f in fields(cls):
             given = overrides.get(f.name)
-            values[f.name] = given if given is not None else os.environ.get(f.metadata["env"], f.default)
+            values[f.name] = given if given is not None else os.environ.get(f.metadata["env"], str(f.default))
         settings = cls(**values)
         settings.validate()
         return settings

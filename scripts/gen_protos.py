@@ -42,7 +42,9 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if micro/proto is stale")
     check = parser.parse_args().check
     files = generate()
-    stale = [name for name, text in files.items() if not (OUT / name).exists() or (OUT / name).read_bytes() != text]
+    stale = [
+        name for name, text in files.items() if not (OUT / name).exists() or (OUT / name).read_bytes() != text
+    ]
     if check:
         for name in stale:
             print(f"micro/proto/{name} does not match proto/: run python scripts/gen_protos.py")

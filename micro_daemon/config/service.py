@@ -28,9 +28,8 @@ class ConfigHandler:
 
     async def Set(self, request: config_pb2.SetRequest, context: Context) -> config_pb2.SetResponse:
         namespace = _namespace(request.namespace, context)
-        await self.engine.set(
-            namespace, request.path, _parse(request.value.data), secret=request.options.secret
-        )
+        value = parse_value(request.value.data)
+        await self.engine.set(namespace, request.path, value, secret=request.options.secret)
         return config_pb2.SetResponse()
 
     async def Delete(self, request: config_pb2.DeleteRequest, context: Context) -> config_pb2.DeleteResponse:

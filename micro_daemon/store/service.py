@@ -72,7 +72,9 @@ class StoreHandler:
         await self.backend.delete(database, table, request.key)
         return store_pb2.DeleteResponse()
 
-    async def List(self, request: store_pb2.ListRequest, context: Context) -> AsyncIterator[store_pb2.ListResponse]:
+    async def List(
+        self, request: store_pb2.ListRequest, context: Context
+    ) -> AsyncIterator[store_pb2.ListResponse]:
         options = request.options
         database, table = _location(options.database, options.table, context)
         query = Query(
