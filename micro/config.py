@@ -22,7 +22,7 @@ class ConfigClient:
         self.client = client
 
     async def get(self, path: str = "", *, secret: bool = False) -> Any:
-        """The value at dotted ``path``; secrets read ``"[secret]"`` unless ``secret``. ``NotFound`` if absent."""
+        """The value at dotted ``path`` (secrets read ``"[secret]"`` unless ``secret``); ``NotFound``."""
         request = config_pb2.GetRequest(path=path, options=config_pb2.Options(secret=secret))
         response = await self.client.call(_SERVICE, _PATH + "Get", request, config_pb2.GetResponse)
         return json.loads(response.value.data) if response.value.data else None

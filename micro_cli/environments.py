@@ -122,7 +122,7 @@ class Environments:
 
     def _load(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.path.read_text())
+            data: dict[str, Any] = json.loads(self.path.read_text())
         except FileNotFoundError:
             data = {}
         except (OSError, ValueError) as exc:

@@ -20,7 +20,7 @@ __all__ = ["app", "main"]
 class MicroGroup(TyperGroup):
     """Turns expected failures of any sub-command into one line and a documented exit code."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except HandledError as exc:

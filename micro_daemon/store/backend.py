@@ -50,6 +50,8 @@ class Query:
     Keys are filtered by ``prefix`` and/or ``suffix`` (both empty: every key),
     sorted by key in ``order``, then ``offset`` are skipped and at most
     ``limit`` returned (0: no limit). Expired records are never selected.
+    Matching is literal and case-sensitive (no wildcards); key order is
+    Unicode code point order, which is UTF-8 byte order (PostgreSQL: ``COLLATE "C"``).
     """
 
     prefix: str = ""
