@@ -34,6 +34,7 @@ from micro_daemon.registry.memory import MemoryRegistry
 from micro_daemon.registry.service import RegistryHandler
 from micro_daemon.settings import Settings, parse_address
 from micro_daemon.store.backend import StoreBackend
+from micro_daemon.store.backends import open_store
 from micro_daemon.store.service import StoreHandler
 
 __all__ = ["Daemon", "run"]
@@ -119,14 +120,7 @@ class Daemon:
         self._lock_file = lock
 
     async def _open_backends(self) -> None:
-        from micro_daemon.store.backends.sqlite import SQLiteBackend
-
-        if self.settings.store_address == "memory":
-            from micro_daemon.store.backends.memory import MemoryBackend
-
-            self._store = MemoryBackend()
-        else:
-            self._store = await SQLiteBackend(self.home.data_dir / "store.db").open()
+        self._store = await open_store(self.settings.store_address, self.home.data_dir)
         self._registry = MemoryRegistry()
         secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
         handlers: dict[str, tuple[object, ServiceDescriptor]] = {

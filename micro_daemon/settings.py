@@ -25,7 +25,11 @@ class Settings:
     address: str = _setting("MICRO_SERVER_ADDRESS", "127.0.0.1:8081", "gRPC proxy address, HOST:PORT")
     api_address: str = _setting("MICRO_API_ADDRESS", "127.0.0.1:8080", "HTTP API gateway address, HOST:PORT")
     profile: str = _setting("MICRO_PROFILE", "local", "backend profile: local")
-    store_address: str = _setting("MICRO_STORE_ADDRESS", "", "store engine; empty: SQLite under MICRO_HOME")
+    store_address: str = _setting(
+        "MICRO_STORE_ADDRESS",
+        "",
+        "store engine: sqlite (default, under MICRO_HOME), sqlite:///path.db, memory",
+    )
     registry_ttl: str = _setting(
         "MICRO_REGISTRY_TTL", "90", "seconds a node stays registered without a heartbeat"
     )

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from micro.errors import BadRequest, Conflict, NotFound
 from micro_daemon.store.backend import Query, Record, StoreBackend
@@ -157,3 +158,8 @@ def conflict_detail(database: str, table: str, key: str, version: int, expected:
     if version == 0:
         return f"{where} does not exist (expected version {expected})"
     return f"{where} is at version {version}, not {expected}"
+
+
+async def open_memory(address: str, data_dir: Path) -> MemoryBackend:
+    """The ``memory`` engine: nothing is kept after the daemon stops."""
+    return MemoryBackend()

@@ -426,3 +426,11 @@ class SQLiteBackend(StoreBackend):
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._writer.queue.put(_Write(apply, future))
         return await asyncio.wrap_future(future)
+
+
+async def open_sqlite(address: str, data_dir: Path) -> SQLiteBackend:
+    """The ``sqlite`` engine: ``sqlite:///abs/path.db``, or ``store.db`` in the data directory."""
+    path = (
+        Path(address.removeprefix("sqlite://")) if address.startswith("sqlite:///") else data_dir / "store.db"
+    )
+    return await SQLiteBackend(path).open()
