@@ -114,7 +114,7 @@ async def test_json_callers_are_transcoded(client: Client) -> None:
 
 
 async def test_malformed_json_is_a_bad_request(client: Client) -> None:
-    with pytest.raises(BadRequest, match="not JSON|invalid request"):
+    with pytest.raises(BadRequest, match=r"not JSON|invalid request"):
         await client.call_json("store", "Store.Read", b"{nope")
     with pytest.raises(BadRequest, match="invalid request"):
         await client.call_json("store", "Store.Read", b'{"key": 5, "bogus": 1}')
