@@ -77,6 +77,8 @@ def error_from_rpc(exc: grpc.RpcError, *, address: str = "", service: str = "") 
     if code == grpc.StatusCode.UNAVAILABLE and _is_connect_failure(details):
         where = address or service or "the server"
         return ConnectError(f"failed to connect to {where}", address=address, id=service)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return error_for_code(413, f"the message is larger than the receiver accepts ({details})", id=service)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return error_for_code(408, "request timed out", id=service)
     return error_for_code(GRPC_TO_HTTP.get(code, 500), details or code.name.lower(), id=service)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -71,6 +72,21 @@ class Home:
     def server_log(self) -> Path:
         return self.log_dir / "server.log"
 
+    def daemon_running(self) -> bool:
+        """Whether a daemon holds this home's server lock.
+
+        The lock, not the pid, is the test: a killed daemon that lingers as a
+        zombie, or a pid reused by another process, holds no lock.
+        """
+        try:
+            with open(self.server_lock, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
     def read_state(self) -> DaemonState | None:
         """The running daemon's state, or ``None`` if no state file (or an unreadable one) is there."""
         try:
@@ -98,15 +114,6 @@ class DaemonState:
     api_address: str
     started: float
     version: str
-
-    def process_alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def write_private(path: Path, data: bytes) -> None:

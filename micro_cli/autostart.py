@@ -1,5 +1,8 @@
 """Starting the local daemon in the background when a command needs it.
 
+A state file whose daemon no longer holds the server lock (killed, or a
+zombie) is stale: a new daemon is started and replaces it.
+
 Exactly one daemon runs per ``MICRO_HOME``: a CLI process takes the start
 lock, looks again, and only then starts one; the daemon itself holds the
 server lock for its life, so a second one refuses to start.
@@ -33,13 +36,12 @@ def ensure_local_daemon(home: Home) -> DaemonState:
         state = _running(home)
         if state is not None:
             return state
-        home.state_file.unlink(missing_ok=True)  # left behind by a daemon that died
         return _start(home)
 
 
 def _running(home: Home) -> DaemonState | None:
     state = home.read_state()
-    if state is not None and state.process_alive():
+    if state is not None and home.daemon_running():
         return state
     return None
 
@@ -64,7 +66,7 @@ def _start(home: Home) -> DaemonState:
         )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        state = home.read_state()
+        state = _running(home)
         if state is not None and state.pid == process.pid:
             return state
         if process.poll() is not None:
@@ -82,4 +84,4 @@ def _last_line(path: os.PathLike[str]) -> str:
             lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "no log"
-    return lines[-1] if lines else "no output"
+    return lines[-1].removeprefix("Error: ") if lines else "no output"

@@ -25,7 +25,7 @@ def call(
     try:
         request = json.loads(data or "{}")
     except ValueError as exc:
-        raise UsageError(f"the request body is not JSON ({exc}); e.g. '{{\"key\": \"a\"}}'") from None
+        raise UsageError(f'the request body is not JSON ({exc}); e.g. \'{{"key": "a"}}\'') from None
     if not isinstance(request, dict):
         raise UsageError(f"the request body must be a JSON object, not {type(request).__name__}")
     run(_call(service, endpoint, json.dumps(request).encode(), timeout))
@@ -40,7 +40,9 @@ async def _call(service: str, endpoint: str, body: bytes, timeout: float) -> Non
         found = next((e for v in versions for e in v.endpoints if e.name == endpoint), None)
         if found is None:
             names = sorted({e.name for v in versions for e in v.endpoints})
-            raise NotFound(f"endpoint {endpoint!r} not found in service {service!r}; it has: {', '.join(names)}")
+            raise NotFound(
+                f"endpoint {endpoint!r} not found in service {service!r}; it has: {', '.join(names)}"
+            )
         if found.metadata.get("stream") == "server":
             async for message in client.stream_json(service, endpoint, body):
                 _print(message)

@@ -14,7 +14,9 @@ __all__ = ["app"]
 
 app = typer.Typer(help="Get and set config values and secrets.", no_args_is_help=True)
 
-Secret = Annotated[bool, typer.Option("--secret", "-s", help="Encrypt the value at rest / show it decrypted.")]
+Secret = Annotated[
+    bool, typer.Option("--secret", "-s", help="Encrypt the value at rest / show it decrypted.")
+]
 
 
 @app.command()
@@ -40,7 +42,9 @@ def get(
 @app.command("set")
 def set_(
     path: Annotated[str, typer.Argument(help="Dotted path, e.g. db.host.")],
-    value: Annotated[str, typer.Argument(help="JSON value (anything that is not JSON is stored as a string).")],
+    value: Annotated[
+        str, typer.Argument(help="JSON value (anything that is not JSON is stored as a string).")
+    ],
     secret: Secret = False,
 ) -> None:
     """Set a value: objects merge with what is there, anything else replaces it."""
@@ -54,7 +58,9 @@ def set_(
 
 
 @app.command("del")
-def delete(path: Annotated[str, typer.Argument(help="Dotted path to delete, with everything below it.")]) -> None:
+def delete(
+    path: Annotated[str, typer.Argument(help="Dotted path to delete, with everything below it.")],
+) -> None:
     """Delete a value and everything below it."""
     from micro.config import ConfigClient
 

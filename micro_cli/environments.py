@@ -63,7 +63,9 @@ class Environments:
 
     def list(self) -> list[Environment]:
         data = self._load()
-        added = [Environment(n, e.get("address", ""), e.get("description", "")) for n, e in data["envs"].items()]
+        added = [
+            Environment(n, e.get("address", ""), e.get("description", "")) for n, e in data["envs"].items()
+        ]
         return [_BUILTIN, *sorted(added, key=lambda e: e.name)]
 
     def current(self) -> str:
@@ -123,8 +125,8 @@ class Environments:
     def _load(self) -> dict[str, Any]:
         try:
             data: dict[str, Any] = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            data = {}
+        except (FileNotFoundError, NotADirectoryError):
+            data = {}  # a MICRO_HOME that cannot be used is reported when a command needs it
         except (OSError, ValueError) as exc:
             raise EnvironmentError_(f"cannot read {self.path}: {exc}; fix or remove the file") from exc
         data.setdefault("env", LOCAL)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from micro.home import Home
-from micro_cli.environments import Environments
+from micro_cli.environments import Environment, Environments
 from micro_cli.output import Output, print_json, print_table
 from micro_cli.session import options
 
@@ -20,6 +20,11 @@ def _envs() -> Environments:
     return Environments(Home.from_env())
 
 
+def _current(envs: Environments) -> str:
+    """The environment in force; an unknown ``--env``/``MICRO_ENV`` is an error, not a silent name."""
+    return envs.get(options.env).name if options.env else envs.current()
+
+
 @app.callback()
 def list_envs(
     ctx: typer.Context,
@@ -29,18 +34,27 @@ def list_envs(
     if ctx.invoked_subcommand is not None:
         return
     envs = _envs()
-    current = options.env or envs.current()
-    rows = [(e.name, e.address or "this machine", e.description) for e in envs.list()]
+    current = _current(envs)
     if output is Output.json:
-        print_json([{"name": n, "address": a, "description": d, "current": n == current} for n, a, d in rows])
+        print_json([_env_json(e, current) for e in envs.list()])
         return
+    rows = [(e.name, e.address or "this machine", e.description) for e in envs.list()]
     print_table(["", "NAME", "ADDRESS", "DESCRIPTION"], [("*" if r[0] == current else "", *r) for r in rows])
+
+
+def _env_json(env: Environment, current: str) -> dict[str, object]:
+    return {
+        "name": env.name,
+        "address": env.address,
+        "description": env.description,
+        "current": env.name == current,
+    }
 
 
 @app.command()
 def get() -> None:
     """Print the current environment's name."""
-    print(options.env or _envs().current())
+    print(_current(_envs()))
 
 
 @app.command("set")

@@ -39,7 +39,7 @@ __all__ = ["HandledError", "UsageError", "exit_code_for"]
 
 
 class HandledError(Exception):
-    """An expected failure of a command: its message is shown as one line and the CLI exits with ``exit_code``."""
+    """An expected failure: its message is shown as one line and the CLI exits with ``exit_code``."""
 
     exit_code = 3
 

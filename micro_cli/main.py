@@ -51,11 +51,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     env: Annotated[
-        str | None, typer.Option("--env", "-e", envvar="MICRO_ENV", help="Environment to use for this command.")
+        str | None,
+        typer.Option("--env", "-e", envvar="MICRO_ENV", help="Environment to use for this command."),
     ] = None,
     namespace: Annotated[
         str | None,
-        typer.Option("--namespace", "-n", envvar="MICRO_NAMESPACE", help="Namespace to use for this command."),
+        typer.Option(
+            "--namespace", "-n", envvar="MICRO_NAMESPACE", help="Namespace to use for this command."
+        ),
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")

@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["Output", "print_json", "print_table", "report_error"]
 
 
-class Output(str, enum.Enum):
+class Output(enum.StrEnum):
     """``--output``: ``table`` for people, ``json`` for scripts."""
 
     table = "table"
@@ -37,7 +37,10 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def report_error(message: str) -> None:
     """One line on stderr, red on a terminal."""
-    text = message[:1].upper() + message[1:]
+    text = " ".join(message.split())  # a server's detail may span lines
+    first = text.split(" ", 1)[0]
+    if first.isalpha() and first.islower():  # a sentence, not a key, path or name
+        text = text[:1].upper() + text[1:]
     if sys.stderr.isatty():
         sys.stderr.write(f"\x1b[31mError:\x1b[0m {text}\n")
     else:

@@ -27,7 +27,11 @@ def services(output: OutputOption = None) -> None:
     async def go() -> list[registry_pb2.Service]:
         async with connect() as client:
             own = await RegistryClient(client).list_services()
-            blocks = [] if client.namespace == "micro" else await RegistryClient(client, domain="micro").list_services()
+            blocks = (
+                []
+                if client.namespace == "micro"
+                else await RegistryClient(client, domain="micro").list_services()
+            )
             return own + blocks
 
     names = sorted({s.name for s in run(go())})
@@ -44,6 +48,7 @@ def get_service(
     output: OutputOption = None,
 ) -> None:
     """Show a service's versions, nodes and endpoints with their request and response fields."""
+
     async def go() -> list[registry_pb2.Service]:
         async with connect() as client:
             return await lookup_service(client, name)
@@ -54,7 +59,9 @@ def get_service(
         return
     for version in versions:
         print(f"service  {version.name}\nversion  {version.version}\n")
-        print_table(["ID", "ADDRESS", "METADATA"], [(n.id, n.address, _pairs(n.metadata)) for n in version.nodes])
+        print_table(
+            ["ID", "ADDRESS", "METADATA"], [(n.id, n.address, _pairs(n.metadata)) for n in version.nodes]
+        )
         for endpoint in version.endpoints:
             print(f"\nEndpoint: {endpoint.name}")
             if endpoint.metadata:

@@ -12,11 +12,15 @@ __all__ = ["server"]
 def server(
     address: Annotated[
         str | None,
-        typer.Option("--address", help="gRPC proxy address HOST:PORT [env MICRO_SERVER_ADDRESS; 127.0.0.1:8081]"),
+        typer.Option(
+            "--address", help="gRPC proxy address HOST:PORT [env MICRO_SERVER_ADDRESS; 127.0.0.1:8081]"
+        ),
     ] = None,
     api_address: Annotated[
         str | None,
-        typer.Option("--api-address", help="HTTP API address HOST:PORT [env MICRO_API_ADDRESS; 127.0.0.1:8080]"),
+        typer.Option(
+            "--api-address", help="HTTP API address HOST:PORT [env MICRO_API_ADDRESS; 127.0.0.1:8080]"
+        ),
     ] = None,
     profile: Annotated[
         str | None, typer.Option("--profile", help="Backend profile [env MICRO_PROFILE; local]")

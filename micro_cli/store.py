@@ -67,10 +67,14 @@ def read(
 def write(
     key: Annotated[str, typer.Argument(help="Key to write.")],
     value: Annotated[list[str], typer.Argument(help="Value (words are joined by spaces; '-' reads stdin).")],
-    expiry: Annotated[str | None, typer.Option("--expiry", "-e", help="Time to live, e.g. 90s, 10m, 1h.")] = None,
+    expiry: Annotated[
+        str | None, typer.Option("--expiry", "-e", help="Time to live, e.g. 90s, 10m, 1h.")
+    ] = None,
     if_version: Annotated[
         int | None,
-        typer.Option("--if-version", min=0, help="Write only if the record has this version (0: only if absent)."),
+        typer.Option(
+            "--if-version", min=0, help="Write only if the record has this version (0: only if absent)."
+        ),
     ] = None,
     table: Table = "",
 ) -> None:

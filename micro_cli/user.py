@@ -13,7 +13,9 @@ from micro_cli.session import target
 __all__ = ["app"]
 
 app = typer.Typer(help="Who and where commands act as.", no_args_is_help=True)
-namespace_app = typer.Typer(help="Show or set the namespace of the current environment.", invoke_without_command=True)
+namespace_app = typer.Typer(
+    help="Show or set the namespace of the current environment.", invoke_without_command=True
+)
 app.add_typer(namespace_app, name="namespace")
 
 

@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from importlib import resources
@@ -102,7 +103,9 @@ class Daemon:
             self.home.clear_state(os.getpid())
             self._lock_file.close()
             self._lock_file = None
-        log.info("micro server stopped")
+        if self._server is not None:
+            self._server = None
+            log.info("micro server stopped")
 
     def _lock(self) -> None:
         lock = open(self.home.server_lock, "a+")  # held open for the daemon's life
@@ -143,6 +146,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         host, port = parse_address(self.address)
+        _check_port_free(host, port, self.address)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -156,11 +160,7 @@ class Daemon:
         except RuntimeError:
             bound = 0
         if bound == 0:
-            raise SetupError(
-                f"cannot listen on {self.address}: port {port} is in use or the address is not this "
-                f"machine's; choose another with --address {host}:PORT or MICRO_SERVER_ADDRESS",
-                id="micro.server",
-            )
+            raise _port_error(host, port, self.address)
         self.address = f"{host}:{bound}"
         await server.start()
         self._server = server
@@ -196,6 +196,31 @@ class Daemon:
                 await job()
             except Exception:
                 log.exception("background job %s failed", getattr(job, "__name__", job))
+
+
+def _check_port_free(host: str, port: int, address: str) -> None:
+    """Fail with our message before gRPC logs its own about a port it cannot bind."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise _port_error(host, port, address) from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError:
+            raise _port_error(host, port, address) from None
+
+
+def _port_error(host: str, port: int, address: str) -> SetupError:
+    return SetupError(
+        f"cannot listen on {address}: port {port} is in use or the address is not this "
+        f"machine's; choose another with --address {host}:PORT or MICRO_SERVER_ADDRESS",
+        id="micro.server",
+    )
 
 
 def _block_entry(name: str, descriptor: ServiceDescriptor, methods: list[Method]) -> registry_pb2.Service:

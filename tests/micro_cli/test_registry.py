@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+
+BLOCKS = ["config", "registry", "store"]
+
+
+def test_services_lists_the_building_blocks(micro_server, micro_cli):
+    assert micro_cli("services").assert_success().out.split() == BLOCKS
+    assert json.loads(micro_cli("services", "--output", "json").out) == BLOCKS
+
+
+def test_the_building_blocks_are_listed_from_any_namespace(micro_server, micro_cli):
+    assert micro_cli("-n", "team-a", "services").assert_success().out.split() == BLOCKS
+
+
+def test_get_service_shows_nodes_and_endpoints_with_their_fields(micro_server, micro_cli):
+    out = micro_cli("get", "service", "store").assert_success().out
+    assert out.startswith("service  store\nversion  ")
+    assert micro_server.address in out
+    read = out.split("Endpoint: Store.Read\n", 1)[1].split("\nEndpoint: ", 1)[0]
+    request, response = read.split("Response: ")
+    assert "\tkey string\n" in request
+    assert "\toptions ReadOptions {\n" in request
+    assert "\t\tprefix bool\n" in request
+    assert "records []Record {" in response
+    assert "Endpoint: Store.List\nMetadata: stream=server\n" in out
+
+
+def test_get_service_as_json(micro_server, micro_cli):
+    [service] = json.loads(micro_cli("get", "service", "store", "--output", "json").assert_success().out)
+    assert service["name"] == "store"
+    assert "schema" not in service
+    assert service["nodes"][0]["address"] == micro_server.address
+    read = next(e for e in service["endpoints"] if e["name"] == "Store.Read")
+    assert [v["name"] for v in read["request"]["values"]] == ["key", "options"]
+
+
+def test_get_of_an_unknown_service_exits_4(micro_server, micro_cli):
+    micro_cli("get", "service", "nope").assert_failure(4, err="'nope' not found; `micro services` lists them")
+    micro_cli("-n", "team-a", "get", "service", "nope").assert_failure(4, err="in namespace 'team-a'")
