@@ -20,23 +20,14 @@ from google.protobuf.message import Message
 
 from micro._binding import Method
 from micro._grpc_errors import grpc_status_for, trailing_metadata_for
+from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY
 from micro.codec import decode_json, decode_proto, encode_json
 from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
 from micro.errors import InternalServerError, MicroError
 
-__all__ = ["CODEC_KEY", "SERVICE_KEY", "Dispatcher", "json_path"]
+__all__ = ["Counters", "Dispatcher"]
 
 log = logging.getLogger("micro.server")
-
-CODEC_KEY = "micro-codec"
-SERVICE_KEY = "micro-service"
-NAMESPACE_KEY = "micro-namespace"
-
-
-def json_path(endpoint: str) -> str:
-    """The path a JSON caller uses for ``Handler.Method``: ``/Handler/Method``."""
-    return "/" + endpoint.replace(".", "/", 1)
-
 
 @dataclass
 class Counters:

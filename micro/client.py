@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from micro._dispatch import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY, json_path
+from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY, json_path
 from micro.codec import decode_proto
 from micro.context import DEFAULT_NAMESPACE, validate_namespace
 from micro.errors import BadRequest

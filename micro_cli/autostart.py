@@ -57,7 +57,7 @@ def _start(home: Home) -> DaemonState:
     log_path = home.server_log
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "micro_cli", "server"],
+            [sys.executable, "-m", "micro_daemon"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

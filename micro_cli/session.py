@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -67,6 +66,8 @@ async def connect(*, timeout: float | None = 30.0) -> AsyncIterator[Client]:
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    import asyncio  # here, not at the top: --help should not pay for it
+
     return asyncio.run(coroutine)
 
 

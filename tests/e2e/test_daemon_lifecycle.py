@@ -70,7 +70,8 @@ def daemons(home: Path) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"micro_cli" in command and b"server" in command and f"MICRO_HOME={home}".encode() in environ:
+        is_daemon = b"micro_daemon" in command or (b"micro_cli" in command and b"server" in command)
+        if is_daemon and f"MICRO_HOME={home}".encode() in environ:
             found.append(int(entry.name))
     return [pid for pid in found if alive(pid)]
 
