@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,10 +51,11 @@ class Method:
 def bind(handler: object, service: ServiceDescriptor, name: str | None = None) -> list[Method]:
     """Bind each RPC of ``service`` to the method of ``handler`` with the same name.
 
-    Unary methods are ``async def M(self, request, context) -> Response``;
-    server-streaming ones are async generators; client-streaming and
-    bidirectional ones take an async iterator of requests. Raises
-    ``TypeError`` naming the first RPC the handler lacks.
+    Unary methods are ``async def M(self, request, context) -> Response``
+    (or a plain ``def``, run in a worker thread); server-streaming ones are
+    async generators; client-streaming and bidirectional ones take an async
+    iterator of requests. Raises ``TypeError`` naming the first RPC the
+    handler lacks or implements with the wrong shape.
     """
     handler_name = name or service.name
     methods = []
@@ -68,15 +70,32 @@ def bind(handler: object, service: ServiceDescriptor, name: str | None = None) -
                 descriptor=rpc,
                 request_type=message_factory.GetMessageClass(rpc.input_type),
                 response_type=message_factory.GetMessageClass(rpc.output_type),
-                func=func,
+                func=_awaitable(func),
             )
         )
     return methods
 
 
+def _awaitable(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A plain (sync) unary handler runs in a worker thread, so it cannot stall the event loop."""
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        return func
+
+    async def in_thread(request: Any, context: Any) -> Any:
+        return await asyncio.to_thread(func, request, context)
+
+    in_thread.__qualname__ = getattr(func, "__qualname__", "handler")
+    return in_thread
+
+
 def _check_shape(func: Callable[..., Any], rpc: MethodDescriptor) -> None:
+    name = getattr(func, "__qualname__", rpc.name)
     is_generator = inspect.isasyncgenfunction(func)
     if rpc.server_streaming and not is_generator:
-        raise TypeError(f"{rpc.full_name} streams responses: {func.__qualname__} must be an async generator")
-    if not rpc.server_streaming and is_generator:
-        raise TypeError(f"{rpc.full_name} returns one response: {func.__qualname__} must not be a generator")
+        raise TypeError(
+            f"{rpc.full_name} streams responses: {name} must be an async generator (async def + yield)"
+        )
+    if not rpc.server_streaming and (is_generator or inspect.isgeneratorfunction(func)):
+        raise TypeError(f"{rpc.full_name} returns one response: {name} must return it, not yield")
+    if rpc.client_streaming and not (is_generator or inspect.iscoroutinefunction(func)):
+        raise TypeError(f"{rpc.full_name} streams requests: {name} must be async (it gets an async iterator)")

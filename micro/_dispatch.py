@@ -22,12 +22,13 @@ from micro._binding import Method
 from micro._grpc_errors import grpc_status_for, trailing_metadata_for
 from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY
 from micro.codec import decode_json, decode_proto, encode_json
-from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
+from micro.context import DEFAULT_NAMESPACE, Context, _current, validate_namespace
 from micro.errors import InternalServerError, MicroError
 
 __all__ = ["Counters", "Dispatcher"]
 
 log = logging.getLogger("micro.server")
+
 
 @dataclass
 class Counters:
@@ -146,10 +147,12 @@ class _serving:
     async def __aenter__(self) -> Context:
         self.call.counters.requests += 1
         try:
-            return self._context()
+            context = self._context()
         except MicroError as error:
             await self._abort(error)
             raise
+        _current.set(context)  # each call runs in its own task: nothing to reset
+        return context
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any

@@ -9,7 +9,7 @@ from google.protobuf.message import Message
 
 from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY, json_path
 from micro.codec import decode_proto
-from micro.context import DEFAULT_NAMESPACE, validate_namespace
+from micro.context import DEFAULT_NAMESPACE, current_context, validate_namespace
 from micro.errors import BadRequest
 from micro.transport import Metadata, Transport
 
@@ -44,7 +44,7 @@ class Client:
     async def call(self, service: str, path: str, request: Message, response_type: type[M]) -> M:
         """Call the unary RPC at gRPC ``path`` (``/pkg.Service/Method``) of ``service``."""
         data = await self.transport.unary(
-            path, request.SerializeToString(), metadata=self._metadata(service), timeout=self.timeout
+            path, request.SerializeToString(), metadata=self._metadata(service), timeout=self._timeout()
         )
         return decode_proto(data, response_type)
 
@@ -61,7 +61,10 @@ class Client:
     async def call_json(self, service: str, endpoint: str, body: bytes) -> bytes:
         """Call ``Handler.Method`` of ``service`` with a JSON body; return the JSON response."""
         return await self.transport.unary(
-            _endpoint_path(endpoint), body, metadata=self._metadata(service, json=True), timeout=self.timeout
+            _endpoint_path(endpoint),
+            body,
+            metadata=self._metadata(service, json=True),
+            timeout=self._timeout(),
         )
 
     async def stream_json(self, service: str, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
@@ -74,6 +77,14 @@ class Client:
 
     async def close(self) -> None:
         await self.transport.close()
+
+    def _timeout(self) -> float | None:
+        """The client's timeout, shortened to the deadline of the call being served, if any."""
+        context = current_context()
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is None:
+            return self.timeout
+        return remaining if self.timeout is None else min(remaining, self.timeout)
 
     def _metadata(self, service: str, *, json: bool = False) -> Metadata:
         metadata = [*self.metadata.items(), (SERVICE_KEY, service), (NAMESPACE_KEY, self.namespace)]

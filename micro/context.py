@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from micro.errors import BadRequest
 
-__all__ = ["DEFAULT_NAMESPACE", "Context", "validate_namespace"]
+__all__ = ["DEFAULT_NAMESPACE", "Context", "current_context", "validate_namespace"]
 
 DEFAULT_NAMESPACE = "micro"
 
@@ -49,3 +50,11 @@ class Context:
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - time.monotonic())
+
+
+_current: ContextVar[Context | None] = ContextVar("micro_context", default=None)
+
+
+def current_context() -> Context | None:
+    """The context of the call being served in this task, if any (calls made from it inherit its deadline)."""
+    return _current.get()

@@ -21,6 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from micro import __version__
 from micro._binding import Method, bind
+from micro._debug import DebugHandler
 from micro._dispatch import Dispatcher
 from micro.errors import SetupError
 from micro.home import DaemonState, Home
@@ -29,7 +30,6 @@ from micro.schema import endpoints
 from micro_daemon.config.engine import ConfigEngine
 from micro_daemon.config.secrets import SecretBox
 from micro_daemon.config.service import ConfigHandler
-from micro_daemon.debug import DebugHandler
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.registry.memory import MemoryRegistry
 from micro_daemon.registry.service import RegistryHandler

@@ -1,4 +1,4 @@
-"""The daemon's ``Debug`` endpoints: health of each engine and process statistics."""
+"""The ``Debug`` endpoints every service and the daemon serve: health and process statistics."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ HealthCheck = Callable[[], Awaitable[str]]
 
 
 class DebugHandler:
-    """Serves ``Debug.Health`` and ``Debug.Stats`` for the whole daemon."""
+    """Serves ``Debug.Health`` (with a named check per engine) and ``Debug.Stats`` for one process."""
 
     def __init__(self, counters: Counters, checks: Mapping[str, HealthCheck]) -> None:
         self.counters = counters
