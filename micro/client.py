@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -57,6 +57,18 @@ class Client:
         )
         async for data in responses:
             yield decode_proto(data, response_type)
+
+    async def call_client_stream(
+        self, service: str, path: str, requests: Sequence[Message], response_type: type[M]
+    ) -> M:
+        """Send ``requests`` to the client-streaming RPC at ``path`` and return its one response."""
+        data = await self.transport.client_stream(
+            path,
+            [r.SerializeToString() for r in requests],
+            metadata=self._metadata(service),
+            timeout=self._timeout(),
+        )
+        return decode_proto(data, response_type)
 
     async def call_json(self, service: str, endpoint: str, body: bytes) -> bytes:
         """Call ``Handler.Method`` of ``service`` with a JSON body; return the JSON response."""

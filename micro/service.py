@@ -330,9 +330,12 @@ def _table_name(service: str) -> str:
 
 
 def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=os.environ.get("MICRO_LOG_LEVEL", "INFO").upper(),
-            format="%(asctime)s level=%(levelname)s %(name)s: %(message)s",
-            stream=sys.stdout,
-        )
+    if logging.getLogger().handlers:
+        return
+    # Under the runtime every line is stamped as it is captured: don't print the time twice.
+    stamp = "" if os.environ.get("MICRO_SERVICE_NAME") else "%(asctime)s "
+    logging.basicConfig(
+        level=os.environ.get("MICRO_LOG_LEVEL", "INFO").upper(),
+        format=stamp + "level=%(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )

@@ -38,6 +38,12 @@ class Transport(abc.ABC):
     ) -> AsyncIterator[bytes]:
         """Send one request to ``path`` and yield each response as it arrives."""
 
+    async def client_stream(
+        self, path: str, requests: Sequence[bytes], *, metadata: Metadata, timeout: float | None
+    ) -> bytes:
+        """Send every request of ``requests`` to ``path``, then return the one response."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream requests")
+
     async def close(self) -> None:  # noqa: B027  # optional hook
         """Release connections. Must not raise."""
 
@@ -78,6 +84,14 @@ class GrpcTransport(Transport):
                     yield response
         finally:
             call.cancel()
+
+    async def client_stream(
+        self, path: str, requests: Sequence[bytes], *, metadata: Metadata, timeout: float | None
+    ) -> bytes:
+        call = self._open().stream_unary(path)
+        with map_grpc_exceptions(address=self.address):
+            response: bytes = await call(iter(requests), metadata=tuple(metadata), timeout=timeout)
+        return response
 
     async def close(self) -> None:
         if self._channel is not None:

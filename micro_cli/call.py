@@ -11,14 +11,16 @@ import typer
 from micro_cli.errors import UsageError
 from micro_cli.session import connect, run
 
-__all__ = ["call"]
+__all__ = ["call", "stream"]
 
 
 def call(
     service: Annotated[str, typer.Argument(help="Service name, e.g. store.")],
     endpoint: Annotated[str, typer.Argument(help="Endpoint as Handler.Method, e.g. Store.Read.")],
     body: Annotated[str, typer.Argument(help="Request as JSON ('-' reads stdin).")] = "{}",
-    timeout: Annotated[float, typer.Option("--request-timeout", min=0.001, help="Seconds to wait.")] = 30.0,
+    timeout: Annotated[
+        float | None, typer.Option("--request-timeout", min=0.001, help="Seconds to wait for an answer.")
+    ] = 30.0,
 ) -> None:
     """Call an endpoint of a service and print the JSON response (each one, for a stream)."""
     data = sys.stdin.read() if body == "-" else body
@@ -31,7 +33,7 @@ def call(
     run(_call(service, endpoint, json.dumps(request).encode(), timeout))
 
 
-async def _call(service: str, endpoint: str, body: bytes, timeout: float) -> None:
+async def _call(service: str, endpoint: str, body: bytes, timeout: float | None) -> None:
     from micro.errors import NotFound
     from micro_cli.registry import lookup_service
 
@@ -54,3 +56,14 @@ async def _call(service: str, endpoint: str, body: bytes, timeout: float) -> Non
 
 def _print(message: bytes) -> None:
     print(json.dumps(json.loads(message), indent=2, ensure_ascii=False))
+
+
+def stream(
+    service: Annotated[str, typer.Argument(help="Service name, e.g. helloworld.")],
+    endpoint: Annotated[
+        str, typer.Argument(help="Streaming endpoint as Handler.Method, e.g. Helloworld.Stream.")
+    ],
+    body: Annotated[str, typer.Argument(help="Request as JSON ('-' reads stdin).")] = "{}",
+) -> None:
+    """Call a server-streaming endpoint and print each message as it arrives."""
+    call(service, endpoint, body, timeout=None)

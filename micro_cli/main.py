@@ -9,7 +9,7 @@ from typer.core import TyperGroup
 
 from micro import __version__
 from micro.errors import MicroError
-from micro_cli import call, config, environments_cmd, registry, server, store, user
+from micro_cli import call, config, environments_cmd, new, registry, runtime, server, store, user
 from micro_cli.errors import HandledError, exit_code_for
 from micro_cli.output import report_error
 from micro_cli.session import options
@@ -72,6 +72,13 @@ app.command("server", help=server.server.__doc__)(server.server)
 app.command("services")(registry.services)
 app.add_typer(registry.get_app, name="get")
 app.command("call")(call.call)
+app.command("stream")(call.stream)
+app.command("new")(new.new)
+app.command("run")(runtime.run_service)
+app.command("update")(runtime.update)
+app.command("kill")(runtime.kill)
+app.command("status")(runtime.status)
+app.command("logs")(runtime.logs)
 app.add_typer(store.app, name="store")
 app.add_typer(config.app, name="config")
 app.add_typer(environments_cmd.app, name="env")

@@ -32,7 +32,9 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    Console(soft_wrap=True).print(table)
+    # Off a terminal (a pipe, a file) nothing limits the width: never fold a row.
+    width = None if sys.stdout.isatty() else 100_000
+    Console(soft_wrap=True, width=width).print(table)
 
 
 def report_error(message: str) -> None:

@@ -25,14 +25,17 @@ from micro._debug import DebugHandler
 from micro._dispatch import Dispatcher
 from micro.errors import SetupError
 from micro.home import DaemonState, Home
-from micro.proto import config_pb2, debug_pb2, registry_pb2, store_pb2
+from micro.proto import config_pb2, debug_pb2, registry_pb2, runtime_pb2, store_pb2
 from micro.schema import endpoints
 from micro_daemon.config.engine import ConfigEngine
 from micro_daemon.config.secrets import SecretBox
 from micro_daemon.config.service import ConfigHandler
+from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.registry.memory import MemoryRegistry
 from micro_daemon.registry.service import RegistryHandler
+from micro_daemon.runtime.manager import Runtime
+from micro_daemon.runtime.service import RuntimeHandler
 from micro_daemon.settings import Settings, parse_address
 from micro_daemon.store.backend import StoreBackend
 from micro_daemon.store.backends import open_store
@@ -59,6 +62,8 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._store: StoreBackend | None = None
         self._registry: RegistryBackend | None = None
+        self._proxy: Proxy | None = None
+        self._runtime: Runtime | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._blocks: list[registry_pb2.Service] = []
         self.dispatcher = Dispatcher()
@@ -70,6 +75,8 @@ class Daemon:
         try:
             await self._open_backends()
             await self._serve()
+            assert self._runtime is not None
+            await self._runtime.restore()
         except BaseException:
             await self.stop()
             raise
@@ -93,8 +100,13 @@ class Daemon:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        if self._runtime is not None:
+            await self._runtime.shutdown()  # the services deregister while the registry still answers
         if self._server is not None:
             await self._server.stop(grace)
+        if self._proxy is not None:
+            await self._proxy.close()
+            self._proxy = None
         if self._registry is not None:
             await self._registry.close()
         if self._store is not None:
@@ -125,6 +137,9 @@ class Daemon:
     async def _open_backends(self) -> None:
         self._store = await open_store(self.settings.store_address, self.home.data_dir)
         self._registry = MemoryRegistry()
+        self._runtime = Runtime(
+            self.home, store=self._store, registry=self._registry, proxy_address=lambda: self.address
+        )
         secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
         handlers: dict[str, tuple[object, ServiceDescriptor]] = {
             "store": (StoreHandler(self._store), store_pb2.DESCRIPTOR.services_by_name["Store"]),
@@ -136,6 +151,7 @@ class Daemon:
                 RegistryHandler(self._registry, default_ttl=float(self.settings.registry_ttl)),
                 registry_pb2.DESCRIPTOR.services_by_name["Registry"],
             ),
+            "runtime": (RuntimeHandler(self._runtime), runtime_pb2.DESCRIPTOR.services_by_name["Runtime"]),
         }
         debug = DebugHandler(self.dispatcher.counters, {"store": self._store.health})
         debug_methods = bind(debug, debug_pb2.DESCRIPTOR.services_by_name["Debug"])
@@ -154,7 +170,10 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        server.add_generic_rpc_handlers((self.dispatcher,))
+        assert self._registry is not None
+        self._proxy = Proxy(self._registry)
+        await self._proxy.start()
+        server.add_generic_rpc_handlers((self.dispatcher, self._proxy))
         try:
             bound = server.add_insecure_port(self.address)
         except RuntimeError:

@@ -1,0 +1,172 @@
+"""The runtime: which services run in which namespace, persisted so they come back after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from micro.errors import BadRequest, Conflict, NotFound
+from micro.home import Home
+from micro_daemon.registry.backend import RegistryBackend
+from micro_daemon.runtime.builder import Builder
+from micro_daemon.runtime.deployment import Deployment, Spec
+from micro_daemon.runtime.logs import Line, LogFile
+from micro_daemon.runtime.sources import Sources
+from micro_daemon.store.backend import Query, Record, StoreBackend
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("micro.runtime")
+
+_DATABASE = "micro"
+_TABLE = "runtime"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Runtime:
+    """Creates, updates, deletes and reports services; each is a ``Deployment``."""
+
+    def __init__(
+        self,
+        home: Home,
+        *,
+        store: StoreBackend,
+        registry: RegistryBackend,
+        proxy_address: Callable[[], str],
+    ) -> None:
+        self.home = home
+        self.store = store
+        self.registry = registry
+        self.proxy_address = proxy_address
+        self.builder = Builder(home.data_dir / "builds")
+        self.sources = Sources(home.data_dir / "sources")
+        self._deployments: dict[tuple[str, str], Deployment] = {}
+
+    async def create(self, spec: Spec, *, force: bool = False) -> Deployment:
+        """Check the source, remember the service, and start building it in the background."""
+        _check_name(spec.name)
+        key = (spec.namespace, spec.name)
+        if key in self._deployments and not force:
+            raise Conflict(
+                f"{spec.name} is already running in namespace {spec.namespace}: "
+                f"use `micro update {spec.name}` to rebuild it, or `micro run --force` to replace it"
+            )
+        folder = await self.sources.resolve(spec.source, namespace=spec.namespace, name=spec.name)
+        spec = dataclasses.replace(spec, folder=str(folder), running=True)
+        _check_entrypoint(folder, spec)
+        if key in self._deployments:
+            await self.delete(spec.namespace, spec.name)
+        await self._save(spec)
+        return self._launch(spec)
+
+    def read(self, namespace: str, name: str = "") -> list[Deployment]:
+        found = [d for (ns, n), d in sorted(self._deployments.items()) if ns == namespace and name in ("", n)]
+        if name and not found:
+            raise NotFound(
+                f"service {name!r} is not running in namespace {namespace!r}: `micro status` lists them"
+            )
+        return found
+
+    async def update(self, namespace: str, name: str, *, source: str = "", instances: int = 0) -> Deployment:
+        """Rebuild and swap; a new source or instance count is remembered."""
+        deployment = self.read(namespace, name)[0]
+        if source or instances:
+            spec = deployment.spec
+            if source:
+                folder = await self.sources.resolve(source, namespace=namespace, name=name)
+                spec = dataclasses.replace(spec, source=source, folder=str(folder))
+                _check_entrypoint(folder, spec)
+            deployment.spec = dataclasses.replace(spec, instances=instances or spec.instances)
+            await self._save(deployment.spec)
+        if not await deployment.update():
+            raise BadRequest(deployment.metadata.get("error", "the update failed"), id="runtime")
+        return deployment
+
+    async def delete(self, namespace: str, name: str) -> None:
+        deployment = self.read(namespace, name)[0]
+        del self._deployments[(namespace, name)]
+        await deployment.stop()
+        deployment.log.write_event("stopped and removed")
+        try:
+            await self.store.delete(_DATABASE, _TABLE, _key(namespace, name))
+        except NotFound:
+            pass
+
+    def logs(
+        self, namespace: str, name: str, *, count: int, since: float, follow: bool
+    ) -> AsyncIterator[Line]:
+        """The last ``count`` lines since ``since``, then new ones if ``follow``."""
+        deployment = self._deployments.get((namespace, name))
+        log_file = deployment.log if deployment else self._log_file(namespace, name)
+        if deployment is None and not log_file.path.exists():
+            raise NotFound(f"service {name!r} not found in namespace {namespace!r}")
+        if follow:
+            return log_file.follow(count, since)
+        return _aiter(log_file.tail(count, since))
+
+    async def restore(self) -> None:
+        """Start again every service that was running when the daemon last stopped."""
+        for record in await self.store.query(_DATABASE, _TABLE, Query()):
+            try:
+                spec = Spec(**json.loads(record.value))
+            except (TypeError, ValueError) as exc:
+                log.error("skipping unreadable runtime record %s: %s", record.key, exc)
+                continue
+            if spec.running and (spec.namespace, spec.name) not in self._deployments:
+                self._launch(spec).log.write_event("restored after a daemon restart")
+
+    async def shutdown(self) -> None:
+        """Stop every process, keeping the records so ``restore`` brings them back."""
+        await asyncio.gather(*(d.stop() for d in self._deployments.values()))
+        self._deployments.clear()
+
+    def _launch(self, spec: Spec) -> Deployment:
+        deployment = Deployment(
+            spec,
+            builder=self.builder,
+            registry=self.registry,
+            log_file=self._log_file(spec.namespace, spec.name),
+            proxy_address=self.proxy_address,
+        )
+        self._deployments[(spec.namespace, spec.name)] = deployment
+        deployment.launch()
+        return deployment
+
+    def _log_file(self, namespace: str, name: str) -> LogFile:
+        return LogFile(self.home.log_dir / "services" / namespace / f"{name}.log")
+
+    async def _save(self, spec: Spec) -> None:
+        value = json.dumps(dataclasses.asdict(spec)).encode()
+        await self.store.put(_DATABASE, _TABLE, Record(key=_key(spec.namespace, spec.name), value=value))
+
+
+async def _aiter(lines: list[Line]) -> AsyncIterator[Line]:
+    for line in lines:
+        yield line
+
+
+def _key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise BadRequest(
+            f"invalid service name {name!r}: use letters, digits, '.', '_' and '-'", id="runtime"
+        )
+
+
+def _check_entrypoint(folder: Path, spec: Spec) -> None:
+    entry = folder / spec.entrypoint
+    if not entry.is_file():
+        where = spec.display_source or spec.source
+        raise BadRequest(
+            f"no {spec.entrypoint} in {where}: a service folder has a {spec.entrypoint} that calls "
+            "service.run() (`micro new NAME` writes one), or name another with --entrypoint",
+            id="runtime",
+        )
