@@ -19,7 +19,7 @@ def test_no_arguments_prints_help(micro_cli):
 @pytest.mark.parametrize(
     ("args", "suggestion"),
     [
-        (["strore"], "Did you mean 'store'?"),
+        (["strore"], "Did you mean 'store'"),
         (["store", "wirte"], "Did you mean 'write'?"),
         (["confg"], "Did you mean 'config'?"),
     ],
