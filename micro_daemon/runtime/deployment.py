@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from micro.errors import MicroError
-from micro.proto import runtime_pb2
+from micro.proto import registry_pb2, runtime_pb2
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.runtime.builder import Build, Builder, Change, classify
 from micro_daemon.runtime.logs import LogFile
@@ -208,6 +208,16 @@ class Deployment:
                         return
             await asyncio.sleep(0.02)
 
+    async def _forget(self, instance: Instance) -> None:
+        """Take a dead instance's node out of the registry now, not when its TTL lapses."""
+        pid = str(instance.pid)
+        with contextlib.suppress(MicroError):
+            for version in await self.registry.get_service(self.spec.namespace, self.spec.name):
+                dead = [node for node in version.nodes if node.metadata.get("pid") == pid]
+                if dead:
+                    gone = registry_pb2.Service(name=version.name, version=version.version, nodes=dead)
+                    await self.registry.deregister(self.spec.namespace, gone)
+
     def _instance(self, build: Build) -> Instance:
         env = dict(os.environ)
         env.update(
@@ -236,6 +246,7 @@ class Deployment:
         if instance in self._retiring or self._stopped.is_set() or instance not in self.instances:
             return
         self.log.write_event(f"instance {instance.pid} exited with code {code}: {_crash_reason(instance)}")
+        await self._forget(instance)
         now = time.monotonic()
         self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
         self.metadata["retries"] = str(int(self.metadata.get("retries", "0")) + 1)

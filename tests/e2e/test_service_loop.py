@@ -53,7 +53,7 @@ def test_new_run_call_edit_reload_logs_kill(service: Path) -> None:
     assert micro("status", "--output", "json").stdout.count('"running"') == 1
 
     streamed = micro("stream", "helloworld", "Helloworld.Stream", '{"count": 3}')
-    assert [json.loads(line)["count"] for line in streamed.stdout.split("}\n") if line.strip()] or streamed.stdout
+    assert [m["count"] for m in _documents(streamed.stdout)] == ["0", "1", "2"]
 
     assert micro("kill", "helloworld").returncode == 0
     assert micro("status", "--output", "json").stdout.strip() == "[]"
@@ -65,8 +65,7 @@ def test_a_reload_under_steady_calls_fails_none(service: Path, home: Path) -> No
     address = state(home)["address"]
     failures, answers = asyncio.run(_calls_during_reloads(service, address, reloads=3))
     assert failures == []
-    assert {"Hello", "Reload0", "Reload1", "Reload2"} & answers == {"Reload2"} | ({"Reload2"} & answers)
-    assert "Reload2" in answers
+    assert {"Hello", "Reload0", "Reload1", "Reload2"} <= answers
 
 
 async def _calls_during_reloads(folder: Path, address: str, *, reloads: int) -> tuple[list[str], set[str]]:
@@ -140,7 +139,7 @@ def test_a_folder_without_a_service_is_refused(home: Path, tmp_path: Path) -> No
     empty.mkdir()
     refused = micro("run", str(empty))
     assert refused.returncode == 3
-    assert "no main.py" in refused.stderr
+    assert "No main.py" in refused.stderr
 
 
 def test_kill_of_an_unknown_service(home: Path) -> None:
@@ -149,7 +148,19 @@ def test_kill_of_an_unknown_service(home: Path) -> None:
     assert "nothing" in refused.stderr
 
 
+def _documents(text: str) -> list[dict[str, str]]:
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while at < len(text.rstrip()):
+        document, at = decoder.raw_decode(text, at)
+        found.append(document)
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return found
+
+
 def _service_pid() -> int | None:
-    logs = micro("logs", "helloworld", "-n", "200").stdout
-    pids = [line.split("pid=")[1].split()[0] for line in logs.splitlines() if "pid=" in line]
-    return int(pids[-1]) if pids else None
+    found = micro("get", "service", "helloworld", "--output", "json")
+    if found.returncode != 0:
+        return None
+    nodes = [node for version in json.loads(found.stdout) for node in version["nodes"]]
+    return int(nodes[0]["metadata"]["pid"]) if len(nodes) == 1 else None
