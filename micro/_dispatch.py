@@ -69,8 +69,11 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyp
         found = self._by_path.get(path)
         if found is None:
             return None
-        service, method = found
-        return self._handler(str(metadata.get(SERVICE_KEY) or service), method, _proto_codec(method))
+        service = str(metadata.get(SERVICE_KEY) or found[0])
+        method = self._by_endpoint.get((service, found[1].endpoint))
+        if method is None:
+            return None  # the path is ours but the service named is not: let the next handler route it
+        return self._handler(service, method, _proto_codec(method))
 
     def _handler(self, service: str, method: Method, codec: tuple[Decoder, Encoder]) -> grpc.RpcMethodHandler:
         decode, encode = codec

@@ -202,3 +202,8 @@ async def test_no_daemon_is_a_connect_error(micro_home: Path) -> None:
             await StoreClient(client).read("k")
     finally:
         await client.close()
+
+
+async def test_a_proto_call_naming_another_service_is_not_answered_by_the_daemon(client: Client) -> None:
+    with pytest.raises(NotFound, match="service 'elsewhere' not found"):
+        await DebugClient(client, service="elsewhere").health()
