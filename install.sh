@@ -27,9 +27,15 @@ if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
 say "installing micro and its development tools into .venv"
-.venv/bin/python -m pip install $quiet --disable-pip-version-check --upgrade pip >/dev/null
-.venv/bin/python -m pip install $quiet --disable-pip-version-check -e '.[dev]' \
-  2>&1 | grep -v "^WARNING: Location" || true
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
+       .venv/bin/python -m pip install --disable-pip-version-check -e '.[dev]'; } >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" >&2
+  echo "install.sh: pip could not install micro (its output is above)" >&2
+  exit 1
+fi
+[[ -n "$quiet" ]] || grep -E "^Successfully installed" "$log" || true
 .venv/bin/micro --version >/dev/null || { echo "install.sh: the micro command does not run" >&2; exit 1; }
 
 say "done: micro is $(pwd)/.venv/bin/micro ($(.venv/bin/micro --version))"
