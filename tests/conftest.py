@@ -1,11 +1,17 @@
-"""Test-wide guards: the environment must be left as it was found."""
+"""Test-wide guards and the test protos, compiled once per session."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+from micro.testing.protos import compile_protos, import_compiled
+
+PROTOS = Path(__file__).resolve().parent / "protos"
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +22,23 @@ def check_environ_stable() -> Iterator[None]:
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     changed.discard("PYTEST_CURRENT_TEST")
     assert not changed, f"test changed environment variables: {sorted(changed)}"
+
+
+@pytest.fixture(scope="session")
+def compiled_protos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tests/protos/*.proto`` compiled into one folder."""
+    out = tmp_path_factory.mktemp("protos")
+    compile_protos(PROTOS, out, "greeter.proto", "kitchen.proto")
+    return out
+
+
+@pytest.fixture(scope="session")
+def greeter_pb2(compiled_protos: Path) -> ModuleType:
+    """``tests/protos/greeter.proto``: a service with every call shape."""
+    return import_compiled(compiled_protos, "greeter_pb2")
+
+
+@pytest.fixture(scope="session")
+def kitchen_pb2(compiled_protos: Path) -> ModuleType:
+    """``tests/protos/kitchen.proto``: a request with every kind of field."""
+    return import_compiled(compiled_protos, "kitchen_pb2")
