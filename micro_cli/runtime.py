@@ -55,7 +55,7 @@ def run_service(
     service_name = name or _default_name(source)
     from micro.proto import runtime_pb2
 
-    async def go() -> runtime_pb2.Service:
+    async def go() -> bool:
         async with connect(timeout=None) as client:
             env, _ = target()
             resolved, display, watch = await _source(client, source, service_name, remote=not env.is_local)
@@ -70,12 +70,10 @@ def run_service(
             from micro.runtime import RuntimeClient
 
             await RuntimeClient(client).create(service, options)
-            return await _wait_running(client, service_name)
+            await _wait_running(client, service_name)
+            return options.watch
 
-    service = run(go())
-    watching = (
-        " (reloads on save)" if service.metadata.get("source") and not no_watch and _is_local(source) else ""
-    )
+    watching = " (reloads on save)" if run(go()) else ""
     print(f"{service_name} is running{watching}: micro status, micro logs {service_name}")
 
 
@@ -86,14 +84,17 @@ def update(
     ] = 0,
 ) -> None:
     """Rebuild a service from its source and swap it in with no dropped call."""
-    name, source = (
-        (_default_name(service), str(Path(service).resolve())) if Path(service).is_dir() else (service, "")
-    )
+    folder = Path(service).is_dir()
+    name = _default_name(service) if folder else service
 
     async def go() -> None:
         from micro.runtime import RuntimeClient
 
         async with connect(timeout=None) as client:
+            source = ""
+            if folder:  # a remote environment gets the folder uploaded, as by `micro run`
+                env, _ = target()
+                source, _, _ = await _source(client, service, name, remote=not env.is_local)
             await RuntimeClient(client).update(name, source=source, instances=instances)
 
     run(go())
@@ -249,10 +250,6 @@ def _default_name(source: str) -> str:
         base = source.rpartition("@")[0] if "@" in source.rpartition("/")[2] else source
         return base.rstrip("/").rpartition("/")[2].removesuffix(".git")
     return Path(source).expanduser().resolve().name
-
-
-def _is_local(source: str) -> bool:
-    return not _GIT.match(source)
 
 
 def _service_json(service: runtime_pb2.Service) -> dict[str, Any]:

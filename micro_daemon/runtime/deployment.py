@@ -4,6 +4,13 @@ Every change of code goes through ``swap``: build, start the new instances,
 wait until each has registered, then stop the old ones (which deregister and
 drain their in-flight calls). A failed build or start leaves the old
 instances serving and records the error.
+
+Restarts: a start that fails before the instance registers (``micro run``,
+a reload, ``micro update``, a restore) is not retried: the code did not work,
+and the caller is told at once. An instance that did register and then exits
+is restarted after 0.25·2^k s (at most 10 s); a restart that fails counts as
+one more crash. After 5 crashes within 60 s the instance is given up, and the
+service is in error once none serves.
 """
 
 from __future__ import annotations
@@ -98,19 +105,19 @@ class Deployment:
             self._watcher = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
-        """Stop watching and stop every instance. Never raises."""
+        """Stop watching, end a build or start in progress, stop every instance. Never raises."""
         self._stopped.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(BaseException):
-                await self._watcher
-            self._watcher = None
         self.status = Status.STOPPING
+        # Cancelled, not awaited to the end: a pip install or a wait to register can take minutes.
+        tasks = [task for task in (self._watcher, *self._tasks) if task is not None]
+        self._watcher = None
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
         async with self._lock:
             await self._retire(self.instances)
             self.instances = []
-        for task in list(self._tasks):
-            task.cancel()
         self.status = Status.STOPPED
 
     async def update(self) -> bool:
@@ -174,6 +181,9 @@ class Deployment:
             await asyncio.gather(*(i.stop(timeout=2) for i in instances))
             self._fail(exc.detail)
             return None
+        except asyncio.CancelledError:
+            await asyncio.gather(*(i.stop(timeout=2) for i in instances))
+            raise
         for instance in instances:
             self._spawn_task(self._supervise(instance))
         return instances
@@ -245,31 +255,41 @@ class Deployment:
         code = await instance.wait()
         if instance in self._retiring or self._stopped.is_set() or instance not in self.instances:
             return
-        self.log.write_event(f"instance {instance.pid} exited with code {code}: {_crash_reason(instance)}")
+        reason = _crash_reason(instance)
+        self.log.write_event(f"instance {instance.pid} exited with code {code}: {reason}")
         await self._forget(instance)
+        while self._count_crash():
+            if not any(i.running for i in self.instances):
+                self.status = Status.STARTING  # until a restart registers, or the last one fails
+            await asyncio.sleep(min(10.0, 0.25 * 2 ** (len(self._crashes) - 1)))
+            failed = await self._replace(instance)
+            if failed is None:
+                return
+            reason = failed  # a restart that fails before registering is one more crash
+        if instance in self.instances:
+            self.instances.remove(instance)
+            self._fail(f"crashed {len(self._crashes)} times in {CRASH_WINDOW:.0f} s: {reason}")
+
+    def _count_crash(self) -> bool:
+        """Note a crash; False once there were too many in the window to try again."""
         now = time.monotonic()
         self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW] + [now]
         self.metadata["retries"] = str(int(self.metadata.get("retries", "0")) + 1)
-        if len(self._crashes) >= MAX_CRASHES:
-            self.instances.remove(instance)
-            self._fail(
-                f"crashed {len(self._crashes)} times in {CRASH_WINDOW:.0f} s: {_crash_reason(instance)}"
-            )
-            return
-        await asyncio.sleep(min(10.0, 0.25 * 2 ** (len(self._crashes) - 1)))
-        await self._replace(instance)
+        return len(self._crashes) < MAX_CRASHES
 
-    async def _replace(self, crashed: Instance) -> None:
+    async def _replace(self, crashed: Instance) -> str | None:
+        """Start an instance in place of ``crashed``; why that failed, or None when done or not wanted."""
         async with self._lock:
             if self._stopped.is_set() or crashed not in self.instances or self.build is None:
-                return
+                return None
             started = await self._start_instances(self.build, 1)
+            if started is None:
+                return self.metadata.get("error", "the restart failed")
             self.instances.remove(crashed)
-            if started is not None:
-                self.instances.extend(started)
-                self.status = Status.RUNNING
-            elif not self.instances:
-                self.status = Status.ERROR
+            self.instances.extend(started)
+            self.status = Status.RUNNING
+            self.metadata.pop("error", None)
+            return None
 
     def _fail(self, reason: str) -> None:
         self.metadata["error"] = reason

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from micro.errors import BadRequest, Conflict, NotFound
 from micro.home import Home
+from micro.proto import runtime_pb2
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.runtime.builder import Builder
 from micro_daemon.runtime.deployment import Deployment, Spec
 from micro_daemon.runtime.logs import Line, LogFile
-from micro_daemon.runtime.sources import Sources
+from micro_daemon.runtime.sources import Sources, is_git
 from micro_daemon.store.backend import Query, Record, StoreBackend
 
 __all__ = ["Runtime"]
@@ -48,10 +49,15 @@ class Runtime:
         self._deployments: dict[tuple[str, str], Deployment] = {}
 
     async def create(self, spec: Spec, *, force: bool = False) -> Deployment:
-        """Check the source, remember the service, and start building it in the background."""
+        """Check the source, remember the service, and start building it in the background.
+
+        A service of the same name is replaced if ``force`` is set or it is in error.
+        """
         _check_name(spec.name)
         key = (spec.namespace, spec.name)
-        if key in self._deployments and not force:
+        existing = self._deployments.get(key)
+        # One that failed serves nothing: running it again is the natural retry, not a conflict.
+        if existing is not None and existing.status != runtime_pb2.Status.ERROR and not force:
             raise Conflict(
                 f"{spec.name} is already running in namespace {spec.namespace}: "
                 f"use `micro update {spec.name}` to rebuild it, or `micro run --force` to replace it"
@@ -60,7 +66,9 @@ class Runtime:
         spec = dataclasses.replace(spec, folder=str(folder), running=True)
         _check_entrypoint(folder, spec)
         if key in self._deployments:
-            await self.delete(spec.namespace, spec.name)
+            replaced = await self._remove(spec.namespace, spec.name)
+            if replaced.spec.folder != spec.folder:
+                self.sources.discard(Path(replaced.spec.folder))
         await self._save(spec)
         return self._launch(spec)
 
@@ -73,8 +81,11 @@ class Runtime:
         return found
 
     async def update(self, namespace: str, name: str, *, source: str = "", instances: int = 0) -> Deployment:
-        """Rebuild and swap; a new source or instance count is remembered."""
+        """Rebuild and swap; a new source or instance count is remembered, a git source fetched again."""
         deployment = self.read(namespace, name)[0]
+        previous = deployment.spec.folder
+        if not source and is_git(deployment.spec.source):
+            source = deployment.spec.source  # fetched again: a branch may have moved
         if source or instances:
             spec = deployment.spec
             if source:
@@ -85,9 +96,15 @@ class Runtime:
             await self._save(deployment.spec)
         if not await deployment.update():
             raise BadRequest(deployment.metadata.get("error", "the update failed"), id="runtime")
+        if deployment.spec.folder != previous:  # the old instances, which ran from it, are gone
+            self.sources.discard(Path(previous))
         return deployment
 
     async def delete(self, namespace: str, name: str) -> None:
+        deployment = await self._remove(namespace, name)
+        self.sources.discard(Path(deployment.spec.folder))
+
+    async def _remove(self, namespace: str, name: str) -> Deployment:
         deployment = self.read(namespace, name)[0]
         del self._deployments[(namespace, name)]
         await deployment.stop()
@@ -96,6 +113,7 @@ class Runtime:
             await self.store.delete(_DATABASE, _TABLE, _key(namespace, name))
         except NotFound:
             pass
+        return deployment
 
     def logs(
         self, namespace: str, name: str, *, count: int, since: float, follow: bool

@@ -4,6 +4,11 @@ The process runs in its own process group, so stopping it also stops whatever it
 spawned, and on Linux it gets SIGTERM when the daemon dies (``PR_SET_PDEATHSIG``),
 so a killed daemon leaves no orphan services. Output is read by an asyncio
 subprocess protocol: no threads, no blocking reads.
+
+No ``preexec_fn``: it makes Python fork() rather than vfork(), and fork() runs
+grpc's fork handlers, whose pollers then crash the child (SIGABRT, SIGSEGV) of
+a daemon that is serving calls. A small launcher sets the death signal and
+execs the program instead, under the same pid.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +37,6 @@ _STDERR_TAIL = 20
 _MAX_LINE = 64 * 1024  # a longer "line" is logged in pieces rather than buffered without bound
 _DRAIN_TIMEOUT = 1.0  # how long output may trail the exit (a grandchild can hold the pipes)
 _KILL_TIMEOUT = 5.0
-_PR_SET_PDEATHSIG = 1
 _STREAMS = {1: "stdout", 2: "stderr"}
 
 
@@ -131,14 +137,13 @@ class Instance:
         try:
             transport, pipes = await loop.subprocess_exec(
                 lambda: _Pipes(loop, self._on_line),
-                *self.argv,
+                *_with_parent_death_signal(self.argv, self.cwd, self.env),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.cwd,
                 env=self.env,
                 process_group=0,
-                preexec_fn=_die_with_parent(os.getpid()),
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise StartError(f"cannot start {self.name}: {exc}", service=self.name) from exc
@@ -210,27 +215,31 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when ``parent`` (this thread) dies."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):  # the daemon died before prctl took effect\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "os.execv(sys.argv[2], sys.argv[3:])\n"
+)
 
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
 
-    return preexec
+def _with_parent_death_signal(argv: list[str], cwd: Path, env: dict[str, str]) -> list[str]:
+    """``argv`` run by the launcher that asks Linux to SIGTERM it when this thread dies."""
+    if not _has_prctl():
+        return argv
+    program = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env.get("PATH", os.defpath))
+    if program is None or not os.access(cwd / program, os.X_OK) or (cwd / program).is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
+    launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())]
+    return [*launcher, str(cwd / program), *argv]
 
 
 @functools.cache
-def _prctl() -> Callable[..., int] | None:
-    # Loaded in the parent: dlopen between fork and exec is not safe.
+def _has_prctl() -> bool:
     if not sys.platform.startswith("linux"):
-        return None
+        return False
     try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
+        return hasattr(ctypes.CDLL(None), "prctl")
+    except OSError:
+        return False

@@ -2,8 +2,9 @@
 
 Git sources are ``URL[@ref]`` (``file:///srv/repo@v1``, ``https://host/org/repo@main``,
 optionally ``URL//sub/folder@ref`` for a service inside a repository); they are
-fetched by the daemon. Uploads are tar.gz archives sent through
-``Runtime.Upload`` and referred to as ``upload://<id>``.
+fetched by the daemon, again on every ``resolve`` (so ``micro update`` gets new
+commits). Uploads are tar.gz archives sent through ``Runtime.Upload`` and referred
+to as ``upload://<id>``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import re
 import shutil
 import tarfile
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -63,6 +66,16 @@ class Sources:
             raise BadRequest(f"the upload is not a tar.gz archive of a folder: {exc}") from exc
         return f"upload://{upload_id}"
 
+    def discard(self, folder: Path) -> None:
+        """Delete a clone or an upload that ``folder`` is in; any other folder is left alone."""
+        try:
+            parts = folder.resolve().relative_to(self.root.resolve()).parts
+        except ValueError:
+            return
+        depth = {"uploads": 2, "git": 3}.get(parts[0] if parts else "", 0)  # uploads/ID, git/NS/NAME-HASH
+        if depth and len(parts) >= depth:
+            shutil.rmtree(self.root.joinpath(*parts[:depth]), ignore_errors=True)
+
     def _upload_dir(self, upload_id: str) -> Path:
         folder = self.root / "uploads" / upload_id
         if not re.fullmatch(r"[0-9a-f]{32}", upload_id) or not folder.is_dir():
@@ -74,12 +87,18 @@ class Sources:
         url, subfolder = _split_subfolder(url)
         digest = hashlib.sha256(f"{url}@{ref}".encode()).hexdigest()[:16]
         target = self.root / "git" / namespace / f"{name}-{digest}"
-        if target.exists():
-            shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await _git("clone", "--quiet", url, str(target))
-        if ref:
-            await _git("-C", str(target), "checkout", "--quiet", ref)
+        fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            await _git(f"cannot clone {url}", "clone", "--quiet", url, str(fresh))
+            if ref:
+                await _git(f"cannot check out {ref!r} of {url}", "-C", str(fresh), "checkout", "--quiet", ref)
+        except BaseException:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise
+        # Only a good clone replaces the one that the running instances came from.
+        shutil.rmtree(target, ignore_errors=True)
+        fresh.rename(target)
         folder = target / subfolder if subfolder else target
         if not folder.is_dir():
             raise NotFound(f"{subfolder!r} is not a folder in {url}@{ref or 'HEAD'}")
@@ -102,11 +121,25 @@ def _split_subfolder(url: str) -> tuple[str, str]:
     return f"{scheme}{sep}{repo}", sub
 
 
-async def _git(*args: str) -> None:
+async def _git(what: str, *args: str) -> None:
     process = await asyncio.create_subprocess_exec(
-        "git", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        "git",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},  # a daemon has no one to ask for a password
     )
     _, stderr = await process.communicate()
     if process.returncode != 0:
-        message = stderr.decode(errors="replace").strip().splitlines()
-        raise BadRequest(f"git {args[0] if args[0] != '-C' else args[2]} failed: {' '.join(message[-3:])}")
+        raise BadRequest(f"{what}: {_git_reason(stderr.decode(errors='replace'))}")
+
+
+def _git_reason(stderr: str) -> str:
+    """git's first ``fatal:``/``error:`` line says what went wrong; the advice after it does not."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        for prefix in ("fatal: ", "error: "):
+            if line.startswith(prefix):
+                return line.removeprefix(prefix)
+    return " ".join(lines[-3:]) or "git failed and printed nothing"

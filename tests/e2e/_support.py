@@ -10,13 +10,37 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["MICRO", "alive", "daemons", "micro", "state", "stop", "wait_until"]
+__all__ = [
+    "MICRO",
+    "alive",
+    "daemons",
+    "micro",
+    "new_service",
+    "replace_in",
+    "state",
+    "stop",
+    "wait_until",
+]
 
 MICRO = [sys.executable, "-m", "micro_cli"]
 
 
 def micro(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*MICRO, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def new_service(parent: Path, name: str = "helloworld") -> Path:
+    """``micro new name`` in ``parent``: the new service's folder."""
+    parent.mkdir(parents=True, exist_ok=True)
+    created = subprocess.run([*MICRO, "new", name], cwd=parent, capture_output=True, text=True, timeout=30)
+    assert created.returncode == 0, created.stderr
+    return parent / name
+
+
+def replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new))
 
 
 def alive(pid: int) -> bool:
