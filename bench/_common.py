@@ -28,12 +28,19 @@ __all__ = [
     "fmt_ms",
     "importtime_top",
     "median",
+    "memory_kb",
+    "micro_cli",
+    "new_service",
     "parse_importtime",
     "percentile",
     "print_import_table",
     "print_importtime",
     "print_table",
     "print_targets",
+    "process_cpu",
+    "run_service",
+    "runtime_events",
+    "service_node",
     "spawn_daemon",
     "start_daemon",
 ]
@@ -207,25 +214,45 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
 
 @dataclass
 class Target:
-    """A ratio target: ``measured / baseline <= limit``."""
+    """A target: ``ratio <= limit`` (or ``>= limit`` with ``at_least``).
+
+    ``ratio`` is normally ``measured / baseline``; with ``unit="ms"`` it is a difference in
+    milliseconds against a baseline of the same run (e.g. the latency a proxy adds).
+    """
 
     name: str
     ratio: float
     limit: float
+    unit: str = "x"
+    at_least: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.ratio <= self.limit
+        return self.ratio >= self.limit if self.at_least else self.ratio <= self.limit
+
+    def fmt(self, value: float) -> str:
+        return f"{value:.2f}x" if self.unit == "x" else f"{value:.3g} {self.unit}"
+
+    @property
+    def limit_text(self) -> str:
+        return (
+            f"{'>=' if self.at_least else '<='} {self.limit:g}{'x' if self.unit == 'x' else ' ' + self.unit}"
+        )
 
     def as_json(self) -> dict[str, Any]:
-        return {"ratio": round(self.ratio, 3), "limit": self.limit, "pass": self.passed}
+        found: dict[str, Any] = {"ratio": round(self.ratio, 3), "limit": self.limit, "pass": self.passed}
+        if self.unit != "x":
+            found["unit"] = self.unit
+        if self.at_least:
+            found["at_least"] = True
+        return found
 
 
 def print_targets(targets: list[Target]) -> None:
     print()
     print_table(
-        ["target", "ratio", "limit", "verdict"],
-        [[t.name, f"{t.ratio:.2f}x", f"<= {t.limit:g}x", "PASS" if t.passed else "MISS"] for t in targets],
+        ["target", "measured", "limit", "verdict"],
+        [[t.name, t.fmt(t.ratio), t.limit_text, "PASS" if t.passed else "MISS"] for t in targets],
     )
 
 
@@ -286,3 +313,104 @@ def print_import_table(title: str, rows: list[tuple[int, int, str]], total: int,
     )
     by_self = sorted(rows, key=lambda r: r[1], reverse=True)[:6]
     print("largest self times: " + ", ".join(f"{name} {s / 1000:.1f}" for _, s, name in by_self))
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by process ``pid``; 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Memory of ``pid`` in KiB: ``rss`` and ``hwm`` (VmRSS, VmHWM of /proc/PID/status) and, where
+    /proc/PID/smaps_rollup is readable, ``pss`` and ``private`` (Private_Clean + Private_Dirty)."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+                found[{"VmRSS": "rss", "VmHWM": "hwm"}.get(key, key.lower())] = int(value.split()[0])
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            private = 0
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "Pss":
+                    found["pss"] = int(value.split()[0])
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    private += int(value.split()[0])
+            found["private"] = private
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+# -- a helloworld service under the daemon's runtime ------------------------------------------------
+
+
+def micro_cli(daemon: Daemon, *args: str, cwd: str | Path | None = None, timeout: float = 60.0) -> str:
+    """Run ``micro ARGS`` against ``daemon``; its stdout. Raises with its stderr if it fails."""
+    result = subprocess.run(
+        [MICRO, *args], cwd=cwd, env=daemon.env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"micro {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result.stdout
+
+
+def new_service(daemon: Daemon, name: str = "helloworld") -> Path:
+    """``micro new NAME`` in a fresh temporary folder (removed with the daemon's home); its folder."""
+    parent = Path(daemon.home) / "bench-src"  # not watched by anything but the runtime's watcher
+    parent.mkdir(exist_ok=True)
+    micro_cli(daemon, "new", name, cwd=parent)
+    return parent / name
+
+
+def run_service(daemon: Daemon, folder: Path, *extra: str, attempts: int = 3) -> None:
+    """``micro run .`` in ``folder``: returns once the runtime reports the service running.
+
+    A start that fails is tried again with ``--force`` (a warning on stderr says why): a service
+    process that crashes as it starts (see README.md, "Found: services that crashed as they
+    started") is not what the benchmarks measure.
+    """
+    for attempt in range(attempts):
+        try:
+            micro_cli(
+                daemon, "run", ".", *extra, *(["--force"] if attempt else []), cwd=folder, timeout=120.0
+            )
+            return
+        except RuntimeError as exc:
+            if attempt == attempts - 1:
+                raise
+            print(f"warning: starting {folder.name} failed, trying again: {exc}", file=sys.stderr)
+
+
+async def service_node(client: Any, name: str = "helloworld") -> tuple[str, int]:
+    """The (address, pid) of the one registered node of ``name``, seen through ``client``."""
+    from micro.registry import RegistryClient
+
+    nodes = [node for version in await RegistryClient(client).get_service(name) for node in version.nodes]
+    if len(nodes) != 1:
+        raise RuntimeError(f"{name}: expected one registered node, found {len(nodes)}")
+    return nodes[0].address, int(nodes[0].metadata["pid"])
+
+
+def runtime_events(daemon: Daemon, name: str = "helloworld") -> list[tuple[float, str]]:
+    """The runtime's own log lines about service ``name``: (timestamp, message), oldest first."""
+    found: list[tuple[float, str]] = []
+    for path in sorted((Path(daemon.home) / "logs" / "services").glob(f"*/{name}.log")):
+        for raw in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if record.get("metadata", {}).get("source") == "runtime":
+                found.append((float(record["timestamp"]), str(record["message"])))
+    return sorted(found)

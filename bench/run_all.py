@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["cli_startup", "store_throughput", "cold_start"]
+BENCHMARKS = ["cli_startup", "store_throughput", "cold_start", "reload_latency", "proxy_overhead", "memory"]
 TIMEOUT = 300.0
 
 
@@ -51,6 +51,16 @@ def run(name: str) -> tuple[dict[str, object] | None, float]:
     return result, elapsed
 
 
+def _fmt(t: dict[str, object]) -> tuple[str, str]:
+    """A target's measured value and limit as text: a ratio (``x``) unless it names a ``unit``."""
+    unit = str(t.get("unit", "x"))
+    ratio, limit = float(t["ratio"]), float(t["limit"])  # type: ignore[arg-type]
+    op = ">=" if t.get("at_least") else "<="
+    if unit == "x":
+        return f"{ratio:.2f}x", f"{op} {limit:g}x"
+    return f"{ratio:.3g} {unit}", f"{op} {limit:g} {unit}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
@@ -72,14 +82,15 @@ def main() -> int:
         results[name] = result
         targets = result.get("targets", {})
         assert isinstance(targets, dict)
+        if not targets:
+            rows.append([name, "(figures only, no target)", "-", "-", "-", f"{elapsed:.1f}"])
         for target, t in targets.items():
             verdict = "PASS" if t["pass"] else "MISS"
-            rows.append(
-                [name, target, f"{t['ratio']:.2f}x", f"<= {t['limit']:g}x", verdict, f"{elapsed:.1f}"]
-            )
+            measured, limit = _fmt(t)
+            rows.append([name, target, measured, limit, verdict, f"{elapsed:.1f}"])
 
     print("=== summary " + "=" * 58)
-    header = ["bench", "target", "ratio", "limit", "verdict", "wall s"]
+    header = ["bench", "target", "measured", "limit", "verdict", "wall s"]
     table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for n, row in enumerate(table):
@@ -91,7 +102,8 @@ def main() -> int:
         if n == 0:
             print("  ".join("-" * w for w in widths))
     missed = sum(1 for r in rows if r[4] == "MISS")
-    print(f"\n{len(rows) - missed - len(failed)} passed, {missed} missed, {len(failed)} failed")
+    passed = sum(1 for r in rows if r[4] == "PASS")
+    print(f"\n{passed} passed, {missed} missed, {len(failed)} failed")
     print(json.dumps({"bench": "run_all", "results": results, "failed": failed}))
     return 1 if failed else 0
 

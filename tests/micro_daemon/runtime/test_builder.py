@@ -159,7 +159,7 @@ async def test_build_id_follows_the_relevant_content_only(builder: Builder, sour
     first = (await builder.build(source)).build_id
     assert len(first) == 12
     (source / "README.md").write_text("docs")
-    (source / "__pycache__").mkdir()
+    (source / "__pycache__").mkdir(exist_ok=True)
     (source / "__pycache__" / "main.cpython-311.pyc").write_bytes(b"\0")
     (source / "proto" / "helloworld_pb2.py").write_text("# edited generated code")
     assert (await builder.build(source, protos=False)).build_id == first
