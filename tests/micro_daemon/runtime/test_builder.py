@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -256,3 +257,24 @@ def test_classify_combines_and_ignores_outside_paths(tmp_path: Path) -> None:
     assert classify(changed, tmp_path) == Change.CODE | Change.PROTO
     assert classify({tmp_path.parent / "elsewhere.py"}, tmp_path) is Change.NONE
     assert classify(set(), tmp_path) is Change.NONE
+
+
+async def test_two_same_size_saves_within_a_second_never_run_old_bytecode(tmp_path: Path) -> None:
+    source = tmp_path / "svc"
+    source.mkdir()
+    module = source / "answer.py"
+    builder = Builder(tmp_path / "cache")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # Python writes .pyc
+    for word in ("first", "other"):  # same length: same size, and within the same second
+        module.write_text(f"WORD = {word!r}\n")
+        os.utime(module, (1_700_000_000, 1_700_000_000))
+        await builder.build(source)
+        ran = subprocess.run(
+            [sys.executable, "-c", "import answer; print(answer.WORD)"],
+            cwd=source,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert ran.stdout.strip() == word
