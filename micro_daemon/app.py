@@ -30,6 +30,7 @@ from micro.schema import endpoints
 from micro_daemon.config.engine import ConfigEngine
 from micro_daemon.config.secrets import SecretBox
 from micro_daemon.config.service import ConfigHandler
+from micro_daemon.gateway import Gateway
 from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.registry.memory import MemoryRegistry
@@ -58,6 +59,8 @@ class Daemon:
         self.settings = settings
         self.home = home
         self.address = settings.address
+        self.api_address = settings.api_address
+        self._gateway: Gateway | None = None
         self._lock_file: IO[str] | None = None
         self._server: grpc.aio.Server | None = None
         self._store: StoreBackend | None = None
@@ -75,6 +78,9 @@ class Daemon:
         try:
             await self._open_backends()
             await self._serve()
+            assert self._proxy is not None
+            self._gateway = Gateway(self._proxy, self.dispatcher)
+            self.api_address = await self._gateway.start(self.settings.api_address)
             assert self._runtime is not None
             await self._runtime.restore()
         except BaseException:
@@ -84,7 +90,7 @@ class Daemon:
             DaemonState(
                 pid=os.getpid(),
                 address=self.address,
-                api_address=self.settings.api_address,
+                api_address=self.api_address,
                 started=time.time(),
                 version=__version__,
             )
@@ -100,6 +106,9 @@ class Daemon:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        if self._gateway is not None:
+            await self._gateway.stop(grace)
+            self._gateway = None
         if self._runtime is not None:
             await self._runtime.shutdown()  # the services deregister while the registry still answers
         if self._server is not None:
