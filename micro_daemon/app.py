@@ -79,7 +79,7 @@ class Daemon:
             await self._open_backends()
             await self._serve()
             assert self._proxy is not None
-            self._gateway = Gateway(self._proxy, self.dispatcher)
+            self._gateway = Gateway(self._proxy, self.dispatcher, registry=self._registry)
             self.api_address = await self._gateway.start(self.settings.api_address)
             assert self._runtime is not None
             await self._runtime.restore()

@@ -18,7 +18,9 @@ from micro import __version__
 from micro._dispatch import Dispatcher
 from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY
 from micro.context import DEFAULT_NAMESPACE, validate_namespace
-from micro.errors import BadRequest, MicroError, SetupError, error_for_code
+from micro.errors import BadRequest, MicroError, NotFound, SetupError, error_for_code
+from micro.openapi import openapi_document
+from micro.proto import registry_pb2
 from micro_daemon.gateway.payload import (
     MULTIPART,
     PROTO_TYPES,
@@ -37,6 +39,7 @@ from micro_daemon.gateway.routing import Plan, Route, Router
 from micro_daemon.gateway.streams import server_sent_events, websocket
 from micro_daemon.gateway.upstream import ERROR_ID, CallInfo, Metadata, unexpected
 from micro_daemon.proxy import Proxy
+from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.settings import parse_address
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_BODY", "Gateway"]
@@ -45,6 +48,7 @@ log = logging.getLogger("micro.api")
 
 MAX_BODY = 10 * 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
+OPENAPI_SUFFIX = "/openapi.json"
 STOP_TIMEOUT = 0.5  # for handlers still running once the grace period is over
 
 CORS_HEADERS = {
@@ -106,8 +110,10 @@ class Gateway:
         max_body: int = MAX_BODY,
         timeout: float | None = DEFAULT_TIMEOUT,
         cors: bool = True,
+        registry: RegistryBackend | None = None,
     ) -> None:
         self.router = Router(proxy, dispatcher)
+        self.registry = registry
         self.max_body = max_body
         self.timeout = timeout
         self.cors = cors
@@ -182,6 +188,8 @@ class Gateway:
         if path == "/favicon.ico":
             return self._answer(request, web.Response(status=204))
         namespace = validate_namespace(request.headers.get("Micro-Namespace") or DEFAULT_NAMESPACE)
+        if method in _BODYLESS and path.endswith(OPENAPI_SUFFIX):
+            return self._answer(request, await self._openapi(request, namespace, path))
         route = await self.router.route(namespace, method, path)
         plan = route.plan
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -206,6 +214,36 @@ class Gateway:
                 body=wire_to_json(data, plan.response_type), content_type="application/json"
             )
         return self._answer(request, response)
+
+    async def _openapi(self, request: web.Request, namespace: str, path: str) -> web.Response:
+        """``/openapi.json``: every service of the namespace; ``/<service>/openapi.json``: one."""
+        wanted = path.removesuffix(OPENAPI_SUFFIX).strip("/")
+        if self.registry is None:
+            raise NotFound("no registry to describe", id=ERROR_ID)
+        if wanted:
+            services = await self._described(namespace, wanted)
+        else:
+            listed = await self.registry.list_services(namespace)
+            services = [
+                s for name in sorted({s.name for s in listed}) for s in await self._described(namespace, name)
+            ]
+        server = f"{request.scheme}://{request.host}"
+        document = openapi_document(services, server_url=server)
+        return web.Response(body=json.dumps(document).encode(), content_type="application/json")
+
+    async def _described(self, namespace: str, name: str) -> list[registry_pb2.Service]:
+        assert self.registry is not None
+        try:
+            return (await self.registry.get_service(namespace, name))[:1]
+        except NotFound:
+            if namespace == DEFAULT_NAMESPACE:
+                raise NotFound(f"service {name!r} not found", id=ERROR_ID) from None
+            try:
+                return (await self.registry.get_service(DEFAULT_NAMESPACE, name))[:1]
+            except NotFound:
+                raise NotFound(
+                    f"service {name!r} not found in namespace {namespace!r}", id=ERROR_ID
+                ) from None
 
     async def _stream(self, serving: Awaitable[web.StreamResponse]) -> web.StreamResponse:
         """Serve a stream, which ``stop`` ends at once rather than waiting for it."""
