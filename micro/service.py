@@ -299,14 +299,24 @@ def _is_pb2(module: ModuleType | None) -> bool:
 
 
 def _schema(files: list[FileDescriptor]) -> bytes:
-    """The build's descriptor set (it keeps the proto comments), else one made from the descriptors."""
+    """The build's descriptor set (it keeps the proto comments), else one made from the descriptors.
+
+    Either way it includes ``Debug``'s proto, whose endpoints every service serves.
+    """
+    from google.protobuf import descriptor_pb2
+
+    own = descriptor_pb2.FileDescriptorSet.FromString(file_descriptor_set(*files, debug_pb2.DESCRIPTOR))
     path = os.environ.get("MICRO_SCHEMA_FILE")
-    if path:
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            log.warning("cannot read MICRO_SCHEMA_FILE %s (%s): registering without comments", path, exc)
-    return file_descriptor_set(*files)
+    if not path:
+        return own.SerializeToString()
+    try:
+        built = descriptor_pb2.FileDescriptorSet.FromString(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read MICRO_SCHEMA_FILE %s (%s): registering without comments", path, exc)
+        return own.SerializeToString()
+    names = {f.name for f in built.file}
+    built.file.extend(f for f in own.file if f.name not in names)
+    return built.SerializeToString()
 
 
 def _proxy_address() -> str:

@@ -30,6 +30,20 @@ class MicroGroup(TyperGroup):
             report_error(exc.detail or type(exc).__name__)
             raise typer.Exit(exit_code_for(exc)) from None
 
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """A built-in command, else the service (or ``micro-<name>`` program) of that name."""
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name and not cmd_name.startswith("-"):
+            from micro_cli.dynamic import DynamicCommand
+
+            return DynamicCommand(cmd_name, self.commands)
+        return found
+
+    def shell_complete(self, ctx: Any, incomplete: str) -> list[Any]:
+        from micro_cli.dynamic_complete import complete_services
+
+        return [*super().shell_complete(ctx, incomplete), *complete_services(incomplete, self.commands)]
+
 
 app = typer.Typer(
     name="micro",

@@ -225,3 +225,28 @@ def test_the_runtime_identity_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MICRO_NAMESPACE", "team-a")
     service = Service("original")
     assert (service.name, service.namespace) == ("renamed", "team-a")
+
+
+async def test_a_build_schema_keeps_its_comments_and_gains_debug(
+    daemon: Daemon, greeter_pb2: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grpc_tools import protoc
+
+    from micro.schema import comments, pool_from_schema
+
+    protos = Path(__file__).resolve().parent.parent / "protos"
+    schema = tmp_path / "schema.binpb"
+    args = ["protoc", f"-I{protos}", f"--descriptor_set_out={schema}", "--include_source_info"]
+    assert protoc.main([*args, str(protos / "greeter.proto")]) == 0
+    monkeypatch.setenv("MICRO_SCHEMA_FILE", str(schema))
+    service = Service("greeter")
+    service.handle(greeter(greeter_pb2))
+    await service.start()
+    client = Client(GrpcTransport(daemon.address))
+    try:
+        [entry] = await RegistryClient(client).get_service("greeter")
+    finally:
+        await client.close()
+        await service.stop(grace=1)
+    assert comments(entry.schema)["greeter.Greeter.Call"] == "Call answers once."
+    assert pool_from_schema(entry.schema).FindMethodByName("micro.debug.v1.Debug.Health")
