@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -69,6 +69,25 @@ class Client:
             timeout=self._timeout(),
         )
         return decode_proto(data, response_type)
+
+    async def bidi(
+        self, service: str, path: str, requests: AsyncIterable[Message], response_type: type[M]
+    ) -> AsyncIterator[M]:
+        """Call the bidirectional RPC at ``path``: send ``requests`` as they come, yield each response."""
+        encoded = (r.SerializeToString() async for r in requests)
+        responses = self.transport.bidi_stream(path, encoded, metadata=self._metadata(service), timeout=None)
+        async for data in responses:
+            yield decode_proto(data, response_type)
+
+    async def bidi_json(
+        self, service: str, endpoint: str, bodies: AsyncIterable[bytes]
+    ) -> AsyncIterator[bytes]:
+        """Call a bidirectional or client-streaming ``Handler.Method`` with JSON bodies; yield the answers."""
+        responses = self.transport.bidi_stream(
+            _endpoint_path(endpoint), bodies, metadata=self._metadata(service, json=True), timeout=None
+        )
+        async for data in responses:
+            yield data
 
     async def call_json(self, service: str, endpoint: str, body: bytes) -> bytes:
         """Call ``Handler.Method`` of ``service`` with a JSON body; return the JSON response."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from micro.errors import BadRequest
 
-__all__ = ["Context", "DEFAULT_NAMESPACE", "current_context", "validate_namespace"]
+__all__ = ["DEFAULT_NAMESPACE", "Context", "current_context", "validate_namespace"]
 
 DEFAULT_NAMESPACE = "micro"
 

@@ -8,7 +8,7 @@ from a function, so tests of client code need no socket.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from micro._grpc_errors import map_grpc_exceptions
@@ -43,6 +43,12 @@ class Transport(abc.ABC):
     ) -> bytes:
         """Send every request of ``requests`` to ``path``, then return the one response."""
         raise NotImplementedError(f"{type(self).__name__} does not stream requests")
+
+    def bidi_stream(
+        self, path: str, requests: AsyncIterable[bytes], *, metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[bytes]:
+        """Send ``requests`` as they come and yield each response as it arrives (bidirectional)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream both ways")
 
     async def close(self) -> None:  # noqa: B027  # optional hook
         """Release connections. Must not raise."""
@@ -93,6 +99,17 @@ class GrpcTransport(Transport):
             response: bytes = await call(iter(requests), metadata=tuple(metadata), timeout=timeout)
         return response
 
+    async def bidi_stream(
+        self, path: str, requests: AsyncIterable[bytes], *, metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[bytes]:
+        call = self._open().stream_stream(path)(_aiter(requests), metadata=tuple(metadata), timeout=timeout)
+        try:
+            with map_grpc_exceptions(address=self.address):
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
+
     async def close(self) -> None:
         if self._channel is not None:
             channel, self._channel = self._channel, None
@@ -115,3 +132,9 @@ class MockTransport(Transport):
         self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None
     ) -> AsyncIterator[bytes]:
         yield await self.handler(path, request, metadata)
+
+
+async def _aiter(items: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    # grpc.aio wants an async iterator, not merely an iterable
+    async for item in items:
+        yield item

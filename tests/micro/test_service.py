@@ -250,3 +250,25 @@ async def test_a_build_schema_keeps_its_comments_and_gains_debug(
         await service.stop(grace=1)
     assert comments(entry.schema)["greeter.Greeter.Call"] == "Call answers once."
     assert pool_from_schema(entry.schema).FindMethodByName("micro.debug.v1.Debug.Health")
+
+
+async def test_bidirectional_calls_through_the_client(service: Service, greeter_pb2: ModuleType) -> None:
+    pb = greeter_pb2
+    client = Client(GrpcTransport(service._node.address))
+
+    async def pings() -> AsyncIterator[Any]:
+        for stroke in range(3):
+            yield pb.Ping(stroke=stroke)
+
+    async def json_pings() -> AsyncIterator[bytes]:
+        yield b'{"stroke": 7}'
+
+    try:
+        pongs = [
+            p.stroke async for p in client.bidi("greeter", "/greeter.Greeter/PingPong", pings(), pb.Pong)
+        ]
+        assert pongs == [0, 1, 2]
+        answers = [a async for a in client.bidi_json("greeter", "Greeter.PingPong", json_pings())]
+        assert answers == [b'{"stroke":"7"}']
+    finally:
+        await client.close()
