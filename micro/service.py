@@ -35,12 +35,13 @@ the service finds the local daemon through ``MICRO_HOME``'s state file.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from micro._binding import Method, bind
 from micro._debug import DebugHandler
 from micro._dispatch import Dispatcher
+from micro._subscribers import Consumption, Handler, Subscription
 from micro.client import Client
 from micro.context import DEFAULT_NAMESPACE, validate_namespace
 from micro.errors import ConnectError, MicroError, SetupError
@@ -106,6 +108,7 @@ class Service:
         self.register_interval = float(env.get("MICRO_REGISTER_INTERVAL") or REGISTER_INTERVAL)
         self.dispatcher = Dispatcher()
         self._handlers: list[tuple[ServiceDescriptor, list[Method]]] = []
+        self._entrypoints: list[Subscription | Consumption] = []
         self._server: grpc.aio.Server | None = None
         self._client: Client | None = None
         self._node = registry_pb2.Node(id=f"{self.name}-{uuid.uuid4()}")
@@ -129,6 +132,57 @@ class Service:
         methods = bind(handler, descriptor, name)
         self.dispatcher.add(self.name, methods)
         self._handlers.append((descriptor, methods))
+
+    def subscribe(self, topic: str, *, queue: str = "") -> Callable[[Handler], Handler]:
+        """Decorate ``async def on_message(message)`` to receive ``topic``'s broker messages.
+
+        The parameter's annotation picks the decoding: a protobuf message type,
+        ``bytes``, ``broker_pb2.Message`` for the raw message, else the JSON value.
+        Subscribers sharing a ``queue`` name share the messages.
+        """
+
+        def register(handler: Handler) -> Handler:
+            self._add_entrypoint(Subscription(topic, handler, queue=queue))
+            return handler
+
+        return register
+
+    def consume(
+        self,
+        topic: str,
+        *,
+        group: str | None = None,
+        start: str = "group",
+        ack_wait: float = 30.0,
+        retry_limit: int = 5,
+    ) -> Callable[[Handler], Handler]:
+        """Decorate ``async def on_event(event)`` to receive ``topic``'s events, once per ``group``.
+
+        ``group`` defaults to the service's name, so its instances share the
+        events. The event is acked when the handler returns and redelivered
+        when it raises; after ``retry_limit`` deliveries it goes to ``<topic>.dead``.
+        """
+
+        def register(handler: Handler) -> Handler:
+            consumption = Consumption(
+                topic,
+                handler,
+                group=group or self.name,
+                start=start,
+                ack_wait=ack_wait,
+                retry_limit=retry_limit,
+            )
+            self._add_entrypoint(consumption)
+            return handler
+
+        return register
+
+    def _add_entrypoint(self, entrypoint: Subscription | Consumption) -> None:
+        if self._started:
+            raise SetupError("add subscribers and consumers before the service starts")
+        if not inspect.iscoroutinefunction(entrypoint.handler):
+            raise TypeError(f"{entrypoint.name} must be an async function (async def)")
+        self._entrypoints.append(entrypoint)
 
     # -- clients ----------------------------------------------------------------------------------
 
@@ -158,13 +212,17 @@ class Service:
     async def start(self) -> None:
         """Listen, register, and keep the registration alive."""
         global _current
-        if not self._handlers:
-            raise SetupError(f"service {self.name!r} has no handlers: call service.handle(...) before start")
+        if not self._handlers and not self._entrypoints:
+            raise SetupError(
+                f"service {self.name!r} has nothing to serve: call service.handle(...) or add a subscriber"
+            )
         self._started = True
         self._add_debug()
         await self._listen()
         await self._register()
         self._heartbeat = asyncio.create_task(self._keep_registered())
+        for entrypoint in self._entrypoints:
+            entrypoint.launch(self.client)
         _current = self
         log.info("Starting [service] %s on %s (namespace %s)", self.name, self._node.address, self.namespace)
 
@@ -173,6 +231,8 @@ class Service:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+        for entrypoint in self._entrypoints:
+            await entrypoint.stop()
         if self._server is not None:
             try:
                 await self._registry().deregister(self._entry())
@@ -250,6 +310,7 @@ class Service:
         for descriptor, methods in self._handlers:
             entry.endpoints.extend(endpoints(descriptor, methods[0].handler))
         entry.endpoints.extend(endpoints(debug_pb2.DESCRIPTOR.services_by_name["Debug"]))
+        entry.endpoints.extend(e.endpoint() for e in self._entrypoints)
         entry.schema = _schema([d.file for d, _ in self._handlers])
         return entry
 
