@@ -1,4 +1,4 @@
-"""The public API is what ``__all__`` says, sorted, and every name in it resolves."""
+"""The public API is what ``__all__`` says, and every name in it resolves (ruff's RUF022 keeps it sorted)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ MODULES = [
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_all_is_sorted_and_resolves(name: str) -> None:
+def test_all_resolves_without_duplicates(name: str) -> None:
     module = importlib.import_module(name)
     exported = module.__all__
-    assert exported == sorted(exported)
+    assert len(exported) == len(set(exported))
     for attribute in exported:
         assert getattr(module, attribute) is not None
 
