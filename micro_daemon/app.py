@@ -25,11 +25,17 @@ from micro._debug import DebugHandler
 from micro._dispatch import Dispatcher
 from micro.errors import SetupError
 from micro.home import DaemonState, Home
-from micro.proto import config_pb2, debug_pb2, registry_pb2, runtime_pb2, store_pb2
+from micro.proto import broker_pb2, config_pb2, debug_pb2, events_pb2, registry_pb2, runtime_pb2, store_pb2
 from micro.schema import endpoints
+from micro_daemon.broker.backend import BrokerBackend
+from micro_daemon.broker.memory import MemoryBroker
+from micro_daemon.broker.service import BrokerHandler
 from micro_daemon.config.engine import ConfigEngine
 from micro_daemon.config.secrets import SecretBox
 from micro_daemon.config.service import ConfigHandler
+from micro_daemon.events.backend import EventsBackend
+from micro_daemon.events.service import EventsStoreHandler, StreamHandler
+from micro_daemon.events.sqlite import open_sqlite as open_events
 from micro_daemon.gateway import Gateway
 from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
@@ -65,6 +71,8 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._store: StoreBackend | None = None
         self._registry: RegistryBackend | None = None
+        self._broker: BrokerBackend | None = None
+        self._events: EventsBackend | None = None
         self._proxy: Proxy | None = None
         self._runtime: Runtime | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,6 +126,10 @@ class Daemon:
             self._proxy = None
         if self._registry is not None:
             await self._registry.close()
+        if self._broker is not None:
+            await self._broker.close()
+        if self._events is not None:
+            await self._events.close()
         if self._store is not None:
             await self._store.close()
         if self._lock_file is not None:
@@ -150,24 +162,33 @@ class Daemon:
             self.home, store=self._store, registry=self._registry, proxy_address=lambda: self.address
         )
         secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
-        handlers: dict[str, tuple[object, ServiceDescriptor]] = {
-            "store": (StoreHandler(self._store), store_pb2.DESCRIPTOR.services_by_name["Store"]),
-            "config": (
-                ConfigHandler(ConfigEngine(self._store, secrets)),
-                config_pb2.DESCRIPTOR.services_by_name["Config"],
-            ),
-            "registry": (
-                RegistryHandler(self._registry, default_ttl=float(self.settings.registry_ttl)),
-                registry_pb2.DESCRIPTOR.services_by_name["Registry"],
-            ),
-            "runtime": (RuntimeHandler(self._runtime), runtime_pb2.DESCRIPTOR.services_by_name["Runtime"]),
+        self._broker = MemoryBroker()
+        self._events = await open_events(self.settings.events_address, self.home.data_dir)
+        config = ConfigEngine(self._store, secrets)
+        ttl = float(self.settings.registry_ttl)
+        blocks: dict[str, list[tuple[object, ServiceDescriptor]]] = {
+            "store": [(StoreHandler(self._store), store_pb2.DESCRIPTOR.services_by_name["Store"])],
+            "config": [(ConfigHandler(config), config_pb2.DESCRIPTOR.services_by_name["Config"])],
+            "registry": [
+                (
+                    RegistryHandler(self._registry, default_ttl=ttl),
+                    registry_pb2.DESCRIPTOR.services_by_name["Registry"],
+                )
+            ],
+            "runtime": [(RuntimeHandler(self._runtime), runtime_pb2.DESCRIPTOR.services_by_name["Runtime"])],
+            "broker": [(BrokerHandler(self._broker), broker_pb2.DESCRIPTOR.services_by_name["Broker"])],
+            "events": [
+                (StreamHandler(self._events), events_pb2.DESCRIPTOR.services_by_name["Stream"]),
+                (EventsStoreHandler(self._events), events_pb2.DESCRIPTOR.services_by_name["Store"]),
+            ],
         }
-        debug = DebugHandler(self.dispatcher.counters, {"store": self._store.health})
+        checks = {"store": self._store.health, "events": self._events.health}
+        debug = DebugHandler(self.dispatcher.counters, checks)
         debug_methods = bind(debug, debug_pb2.DESCRIPTOR.services_by_name["Debug"])
-        for name, (handler, descriptor) in handlers.items():
-            methods = bind(handler, descriptor)
+        for name, handlers in blocks.items():
+            methods = [m for handler, descriptor in handlers for m in bind(handler, descriptor)]
             self.dispatcher.add(name, methods + debug_methods)
-            self._blocks.append(_block_entry(name, descriptor, methods + debug_methods))
+            self._blocks.append(_block_entry(name, methods + debug_methods))
 
     async def _serve(self) -> None:
         host, port = parse_address(self.address)
@@ -207,10 +228,13 @@ class Daemon:
             await self._registry.register(BLOCKS_DOMAIN, block, ttl)
 
     async def _purge(self) -> None:
-        assert self._store is not None
+        assert self._store is not None and self._events is not None
         purged = await self._store.purge_expired()
         if purged:
             log.info("purged %d expired records", purged)
+        dropped = await self._events.apply_retention()
+        if dropped:
+            log.info("dropped %d events past their retention", dropped)
 
     async def _expire(self) -> None:
         assert self._registry is not None
@@ -251,7 +275,7 @@ def _port_error(host: str, port: int, address: str) -> SetupError:
     )
 
 
-def _block_entry(name: str, descriptor: ServiceDescriptor, methods: list[Method]) -> registry_pb2.Service:
+def _block_entry(name: str, methods: list[Method]) -> registry_pb2.Service:
     """The registry entry of a building block, with the schema (and comments) of its protos."""
     services = {m.descriptor.containing_service for m in methods}
     return registry_pb2.Service(

@@ -30,6 +30,11 @@ class Settings:
         "",
         "store engine: sqlite (default, under MICRO_HOME), sqlite:///path.db, memory",
     )
+    events_address: str = _setting(
+        "MICRO_EVENTS_ADDRESS",
+        "sqlite",
+        "events engine: sqlite (default, under MICRO_HOME), sqlite:///path.db",
+    )
     registry_ttl: str = _setting(
         "MICRO_REGISTRY_TTL", "90", "seconds a node stays registered without a heartbeat"
     )

@@ -139,7 +139,7 @@ async def test_config_secrets_are_masked(client: Client) -> None:
 
 async def test_blocks_register_with_endpoints_and_schema(client: Client) -> None:
     names = [s.name for s in await RegistryClient(client).list_services()]
-    assert names == ["config", "registry", "runtime", "store"]
+    assert names == ["broker", "config", "events", "registry", "runtime", "store"]
     [store] = await RegistryClient(client).get_service("store")
     endpoints = {e.name for e in store.endpoints}
     assert {"Store.Read", "Store.List", "Debug.Health"} <= endpoints

@@ -1,0 +1,244 @@
+"""The events services: ``micro.events.v1.Stream`` and ``micro.events.v1.Store`` over an ``EventsBackend``.
+
+Topics live in the caller's namespace. ``Consume`` reads its first request as
+the options and later ones as acks, concurrently with streaming events out;
+``PublishStream`` publishes whatever requests have arrived as one batch (one
+transaction), answering each in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from micro.context import Context
+from micro.errors import BadRequest, MicroError, NotFound
+from micro.proto import events_pb2
+from micro_daemon.events.backend import (
+    DEFAULT_ACK_WAIT,
+    DEFAULT_READ_LIMIT,
+    DEFAULT_RETRY_LIMIT,
+    ERROR_ID,
+    Consumer,
+    ConsumeSpec,
+    EventsBackend,
+    PublishItem,
+    Start,
+    check_item,
+)
+
+__all__ = ["PUBLISH_BATCH", "READ_RESPONSE_BYTES", "EventsStoreHandler", "StreamHandler"]
+
+PUBLISH_BATCH = 500
+READ_RESPONSE_BYTES = 8 * 1024 * 1024
+_ACKS_IN_FLIGHT = 256
+logger = logging.getLogger(__name__)
+
+
+class StreamHandler:
+    """Serves ``micro.events.v1.Stream``."""
+
+    def __init__(self, backend: EventsBackend) -> None:
+        self.backend = backend
+
+    async def Publish(
+        self, request: events_pb2.PublishRequest, context: Context
+    ) -> events_pb2.PublishResponse:
+        event_id, seq = await self.backend.publish(
+            context.namespace, request.topic, request.payload, dict(request.metadata), request.timestamp
+        )
+        return events_pb2.PublishResponse(id=event_id, sequence=seq)
+
+    async def PublishStream(
+        self, requests: AsyncIterator[events_pb2.PublishRequest], context: Context
+    ) -> AsyncIterator[events_pb2.PublishResponse]:
+        async with _Batcher(requests) as batches:
+            async for batch, error in batches:
+                if batch:
+                    for event_id, seq in await self.backend.publish_many(context.namespace, batch):
+                        yield events_pb2.PublishResponse(id=event_id, sequence=seq)
+                if error is not None:
+                    raise error
+
+    async def Consume(
+        self, requests: AsyncIterator[events_pb2.ConsumeRequest], context: Context
+    ) -> AsyncIterator[events_pb2.Event]:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("request") != "options":
+            raise BadRequest("the first request of Consume must carry the options", id=ERROR_ID)
+        options = first.options
+        consumer = await self.backend.consume(context.namespace, options.topic, consume_spec(options))
+        acks = _AckReader(requests, consumer)
+        try:
+            async for event in consumer:
+                yield event
+            acks.raise_failure()
+        finally:
+            await acks.stop()
+            await consumer.close()
+
+    async def Topics(self, request: events_pb2.TopicsRequest, context: Context) -> events_pb2.TopicsResponse:
+        return events_pb2.TopicsResponse(topics=await self.backend.topics(context.namespace))
+
+
+class EventsStoreHandler:
+    """Serves ``micro.events.v1.Store``: the stored history of a topic."""
+
+    def __init__(self, backend: EventsBackend) -> None:
+        self.backend = backend
+
+    async def Read(self, request: events_pb2.ReadRequest, context: Context) -> events_pb2.ReadResponse:
+        """Up to ``limit`` events from ``offset``; fewer when they would pass ``READ_RESPONSE_BYTES``."""
+        limit = request.limit or DEFAULT_READ_LIMIT
+        events = await self.backend.read(context.namespace, request.topic, limit, request.offset)
+        response = events_pb2.ReadResponse()
+        size = 0
+        for event in events:
+            size += event.ByteSize()
+            if size > READ_RESPONSE_BYTES and response.events:
+                break
+            response.events.append(event)
+        return response
+
+
+def consume_spec(options: events_pb2.ConsumeOptions) -> ConsumeSpec:
+    """The backend's ``ConsumeSpec`` for wire options, with Micro's defaults (0 means default)."""
+    try:
+        start = Start(options.start)
+    except ValueError:
+        raise BadRequest(
+            f"unknown start {options.start}: use GROUP, BEGINNING, SEQUENCE or TIME", id=ERROR_ID
+        ) from None
+    if options.ack_wait < 0:
+        raise BadRequest(
+            f"ack_wait must be a positive number of milliseconds, not {options.ack_wait}", id=ERROR_ID
+        )
+    return ConsumeSpec(
+        group=options.group,
+        start=start,
+        sequence=options.sequence,
+        since_ns=options.since,
+        auto_ack=options.auto_ack if options.HasField("auto_ack") else True,
+        ack_wait=options.ack_wait / 1000 if options.ack_wait else DEFAULT_ACK_WAIT,
+        retry_limit=options.retry_limit or DEFAULT_RETRY_LIMIT,
+    )
+
+
+class _AckReader:
+    """Applies the acks that follow the options, concurrently with the events going out.
+
+    A bad request ends the stream: the consumer is closed and ``raise_failure``
+    raises it. A late ack (``NotFound``) is ignored: the event was redelivered.
+    """
+
+    def __init__(self, requests: AsyncIterator[events_pb2.ConsumeRequest], consumer: Consumer) -> None:
+        self._consumer = consumer
+        self._failure: MicroError | None = None
+        self._slots = asyncio.Semaphore(_ACKS_IN_FLIGHT)
+        self._settling: set[asyncio.Task[None]] = set()
+        self._task = asyncio.create_task(self._read(requests))
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for task in list(self._settling):
+            task.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[events_pb2.ConsumeRequest]) -> None:
+        try:
+            async for request in requests:
+                if request.WhichOneof("request") != "ack":
+                    raise BadRequest("after the options, Consume takes only acks", id=ERROR_ID)
+                await self._slots.acquire()
+                task = asyncio.create_task(self._settle(request.ack))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+            await asyncio.gather(*self._settling)
+        except MicroError as error:
+            self._failure = self._failure or error
+            await self._consumer.close()
+
+    async def _settle(self, ack: events_pb2.Ack) -> None:
+        try:
+            if ack.success:
+                await self._consumer.ack(ack.id)
+            else:
+                await self._consumer.nack(ack.id)
+        except NotFound:
+            logger.debug("ignored a late ack of event %s", ack.id)
+        except MicroError as error:
+            self._failure = self._failure or error
+            await self._consumer.close()
+        finally:
+            self._slots.release()
+
+
+class _Batcher:
+    """Groups the publish requests that have arrived into batches of valid items.
+
+    Yields ``(items, error)``: ``error`` is the validation error of the request
+    that follows ``items``, which ends the stream once ``items`` are published.
+    """
+
+    def __init__(self, requests: AsyncIterator[events_pb2.PublishRequest]) -> None:
+        self._requests = requests
+        self._queue: asyncio.Queue[events_pb2.PublishRequest | Exception | None] = asyncio.Queue(
+            PUBLISH_BATCH * 2
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._done = False
+
+    async def __aenter__(self) -> _Batcher:
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def __aiter__(self) -> _Batcher:
+        return self
+
+    async def __anext__(self) -> tuple[list[PublishItem], MicroError | None]:
+        if self._done:
+            raise StopAsyncIteration
+        batch: list[PublishItem] = []
+        entry = await self._queue.get()
+        while True:
+            if entry is None:
+                self._done = True
+                return batch, None
+            if isinstance(entry, Exception):
+                raise entry
+            try:
+                batch.append(_item(entry))
+            except MicroError as invalid:
+                self._done = True
+                return batch, invalid
+            if len(batch) >= PUBLISH_BATCH or self._queue.empty():
+                return batch, None
+            entry = self._queue.get_nowait()
+
+    async def _read(self) -> None:
+        try:
+            async for request in self._requests:
+                await self._queue.put(request)
+        except Exception as exc:
+            await self._queue.put(exc)
+        await self._queue.put(None)
+
+
+def _item(request: events_pb2.PublishRequest) -> PublishItem:
+    item = PublishItem(request.topic, request.payload, dict(request.metadata), request.timestamp)
+    check_item(item)
+    return item

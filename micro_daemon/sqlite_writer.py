@@ -1,0 +1,281 @@
+"""One SQLite file in WAL mode: a writer thread with group commit and a pool of readers.
+
+Writes are queued to a single writer thread, which applies everything queued in
+one transaction, each write in its own savepoint, and resolves the callers'
+futures only after the commit: concurrent writes share one fsync
+(``synchronous=FULL``, so a write survives power loss, not only a process
+kill). Reads run on a few read-only connections in worker threads; WAL lets
+them proceed while a write commits. Nothing here blocks the event loop.
+
+The store's engine (``micro_daemon.store.backends.sqlite``) predates this module
+and keeps its own copy of the same pattern.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from micro.errors import BadRequest, InternalServerError, MicroError, ServiceUnavailable, error_for_code
+
+__all__ = ["SQLiteFile", "map_sqlite_exceptions"]
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+_MAX_BATCH = 1000
+_READERS = 4
+_BUSY_TIMEOUT = 5.0
+
+
+@contextlib.contextmanager
+def map_sqlite_exceptions(block: str) -> Iterator[None]:
+    """Convert sqlite3 (and parameter encoding) errors into ``micro.errors`` ones with ``id=block``."""
+    try:
+        yield
+    except (sqlite3.DataError, OverflowError, UnicodeEncodeError) as exc:
+        raise BadRequest(f"{block} cannot hold this value: {exc}", id=block) from exc
+    except sqlite3.OperationalError as exc:
+        raise ServiceUnavailable(f"{block} engine unavailable: {exc}", id=block) from exc
+    except sqlite3.Error as exc:
+        raise InternalServerError(f"{block} engine error: {exc}", id=block) from exc
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit mode: transactions are explicit, and a lone SELECT never leaves one open.
+    return sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+
+
+def _prepare(path: Path, schema: str, block: str) -> sqlite3.Connection:
+    """Create the file (0600, in a 0700 directory if new) and schema; return the writer connection."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)  # SQLite gives the -wal and -shm files the mode of the database file
+    conn = _connect(path)
+    try:
+        with map_sqlite_exceptions(block):
+            with contextlib.closing(conn.execute("PRAGMA journal_mode=WAL")) as cursor:
+                mode = cursor.fetchone()[0]
+            if mode != "wal":
+                raise ServiceUnavailable(f"{path}: WAL mode unavailable (got {mode})", id=block)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@dataclass(frozen=True)
+class _Write:
+    apply: Callable[[sqlite3.Connection], Any]
+    future: concurrent.futures.Future[Any]
+
+
+class _Writer(threading.Thread):
+    """Owns the only writing connection; commits whatever is queued as one transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, block: str) -> None:
+        super().__init__(name=f"micro-{block}-writer", daemon=True)
+        self.conn = conn
+        self.block = block
+        self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self.commits = 0
+
+    def run(self) -> None:
+        try:
+            while self._step():
+                pass
+        finally:
+            self._fail_leftovers()
+            self.conn.close()
+
+    def _step(self) -> bool:
+        batch, running = self._take()
+        writes = [write for write in batch if write.future.set_running_or_notify_cancel()]
+        if writes:
+            self._commit(writes)
+        return running
+
+    def _take(self) -> tuple[list[_Write], bool]:
+        first = self.queue.get()
+        if first is None:
+            return [], False
+        batch = [first]
+        while len(batch) < _MAX_BATCH:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, False
+            batch.append(item)
+        return batch, True
+
+    def _commit(self, writes: list[_Write]) -> None:
+        try:
+            with map_sqlite_exceptions(self.block):
+                self.conn.execute("BEGIN IMMEDIATE")
+                outcomes = [self._apply(write) for write in writes]
+                self.conn.execute("COMMIT")
+        except Exception as exc:
+            self._rollback()
+            for write in writes:
+                write.future.set_exception(self._copy_error(exc))
+            return
+        self.commits += 1
+        for write, (result, error) in zip(writes, outcomes, strict=True):
+            if error is None:
+                write.future.set_result(result)
+            else:
+                write.future.set_exception(error)
+
+    def _apply(self, write: _Write) -> tuple[Any, MicroError | None]:
+        self.conn.execute("SAVEPOINT write")
+        try:
+            with map_sqlite_exceptions(self.block):
+                result = write.apply(self.conn)
+        except Exception as exc:
+            self.conn.execute("ROLLBACK TO write")
+            self.conn.execute("RELEASE write")
+            return None, exc if isinstance(exc, MicroError) else self._copy_error(exc)
+        self.conn.execute("RELEASE write")
+        return result, None
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+
+    def _fail_leftovers(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                write = self.queue.get_nowait()
+                if write is not None and write.future.set_running_or_notify_cancel():
+                    write.future.set_exception(ServiceUnavailable(f"{self.block} is closed", id=self.block))
+
+    def _copy_error(self, exc: Exception) -> MicroError:
+        # Every waiting caller gets its own exception object (tracebacks are per raise).
+        if isinstance(exc, MicroError):
+            return error_for_code(exc.code, exc.detail, id=exc.id)
+        return InternalServerError(f"{self.block} write failed: {exc!r}", id=self.block)
+
+
+class _ReaderPool:
+    """Read-only connections, one per reader thread at most, created on demand."""
+
+    def __init__(self, path: Path, block: str) -> None:
+        self._path = path
+        self._block = block
+        self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def run(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._acquire()
+        try:
+            with map_sqlite_exceptions(self._block):
+                return read(conn)
+        finally:
+            self._idle.put(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+    def _acquire(self) -> sqlite3.Connection:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        conn = _connect(self._path)
+        conn.execute("PRAGMA query_only=ON")
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+
+class SQLiteFile:
+    """A SQLite file in WAL mode served by one writer thread and a few reader threads.
+
+    ``await SQLiteFile(path, schema, block="events").open()`` creates the file
+    (0600) and the schema; ``write(apply)`` runs ``apply(conn)`` inside the
+    writer's next transaction and returns its result once committed; ``read``
+    runs a function on a read connection in a worker thread. Errors are
+    ``micro.errors`` with ``id=block``.
+    """
+
+    def __init__(self, path: Path, schema: str, *, block: str) -> None:
+        self.path = path
+        self.block = block
+        self._schema = schema
+        self._writer: _Writer | None = None
+        self._readers = _ReaderPool(path, block)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed so far (a measure of group commit)."""
+        return self._writer.commits if self._writer is not None else 0
+
+    async def open(self) -> SQLiteFile:
+        """Create the file and schema if needed and start the threads."""
+        conn = await asyncio.to_thread(_prepare, self.path, self._schema, self.block)
+        self._writer = _Writer(conn, self.block)
+        self._writer.start()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            _READERS, thread_name_prefix=f"micro-{self.block}-read"
+        )
+        return self
+
+    async def read(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``read(conn)`` on a read-only connection off the event loop."""
+        if self._closed or self._executor is None:
+            raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._readers.run, read)
+
+    async def write(self, apply: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``apply(conn)`` in the writer's next transaction; return its result once durable.
+
+        Cancelling the caller before the writer takes the write drops it; after
+        that, the write still commits.
+        """
+        if self._closed or self._writer is None:
+            raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
+        if not self._writer.is_alive():
+            raise ServiceUnavailable(f"{self.block} writer thread stopped", id=self.block)
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._writer.queue.put(_Write(apply, future))
+        return await asyncio.wrap_future(future)
+
+    def healthy(self) -> bool:
+        """Whether the file is open and its writer thread running."""
+        return not self._closed and self._writer is not None and self._writer.is_alive()
+
+    async def close(self) -> None:
+        """Commit queued writes, stop the threads and close every connection. Never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._writer is not None:
+                self._writer.queue.put(None)
+                await asyncio.to_thread(self._writer.join)
+            if self._executor is not None:
+                await asyncio.to_thread(self._executor.shutdown, True)
+            self._readers.close()
+        except Exception:
+            logger.exception("closing the SQLite file %s failed", self.path)

@@ -1,0 +1,229 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from micro._binding import bind
+from micro._dispatch import Dispatcher
+from micro._grpc_errors import error_from_rpc
+from micro.context import Context
+from micro.errors import BadRequest, PayloadTooLarge
+from micro.proto import events_pb2
+from micro_daemon.events import service
+from micro_daemon.events.backend import MAX_EVENT_BYTES, ConsumeSpec, Start
+from micro_daemon.events.memory import MemoryEvents
+from micro_daemon.events.service import EventsStoreHandler, StreamHandler, consume_spec
+
+ALICE = Context(namespace="alice")
+BOB = Context(namespace="bob")
+TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[MemoryEvents]:
+    backend = MemoryEvents()
+    yield backend
+    await backend.close()
+
+
+class Requests:
+    """A request stream the test feeds while the handler runs."""
+
+    def __init__(self, *first: Any) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        for request in first:
+            self.queue.put_nowait(request)
+
+    def __aiter__(self) -> Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await self.queue.get()
+        if request is None:
+            raise StopAsyncIteration
+        return request
+
+
+def options(**fields: Any) -> events_pb2.ConsumeRequest:
+    return events_pb2.ConsumeRequest(options=events_pb2.ConsumeOptions(**fields))
+
+
+def ack(event_id: str, success: bool = True) -> events_pb2.ConsumeRequest:
+    return events_pb2.ConsumeRequest(ack=events_pb2.Ack(id=event_id, success=success))
+
+
+async def publish(handler: StreamHandler, topic: str, payload: bytes, context: Context = ALICE) -> int:
+    response = await handler.Publish(events_pb2.PublishRequest(topic=topic, payload=payload), context)
+    return response.sequence
+
+
+def test_handlers_match_the_protos(backend: MemoryEvents) -> None:
+    assert [
+        m.name for m in bind(StreamHandler(backend), events_pb2.DESCRIPTOR.services_by_name["Stream"])
+    ] == [
+        "Publish",
+        "PublishStream",
+        "Consume",
+        "Topics",
+    ]
+    assert [
+        m.name for m in bind(EventsStoreHandler(backend), events_pb2.DESCRIPTOR.services_by_name["Store"])
+    ] == ["Read"]
+
+
+def test_consume_spec_applies_micro_defaults() -> None:
+    assert consume_spec(events_pb2.ConsumeOptions(topic="t")) == ConsumeSpec()
+    spec = consume_spec(
+        events_pb2.ConsumeOptions(
+            group="g", start=events_pb2.TIME, since=5, auto_ack=False, ack_wait=250, retry_limit=-1
+        )
+    )
+    assert spec == ConsumeSpec(
+        group="g", start=Start.TIME, since_ns=5, auto_ack=False, ack_wait=0.25, retry_limit=-1
+    )
+    with pytest.raises(BadRequest):
+        consume_spec(events_pb2.ConsumeOptions(ack_wait=-1))
+    with pytest.raises(BadRequest):
+        consume_spec(events_pb2.ConsumeOptions(start=9))  # type: ignore[arg-type]
+
+
+async def test_publish_read_and_topics_are_per_namespace(backend: MemoryEvents) -> None:
+    stream, store = StreamHandler(backend), EventsStoreHandler(backend)
+    assert [await publish(stream, "t", b"%d" % i) for i in range(3)] == [1, 2, 3]
+    assert await publish(stream, "t", b"other", BOB) == 1
+    read = await store.Read(events_pb2.ReadRequest(topic="t", limit=2, offset=1), ALICE)
+    assert [e.payload for e in read.events] == [b"1", b"2"]
+    assert len((await store.Read(events_pb2.ReadRequest(topic="t"), ALICE)).events) == 3
+    topics = await stream.Topics(events_pb2.TopicsRequest(), BOB)
+    assert [(t.name, t.count) for t in topics.topics] == [("t", 1)]
+
+
+async def test_read_stops_before_a_too_large_response(backend: MemoryEvents, monkeypatch: Any) -> None:
+    monkeypatch.setattr(service, "READ_RESPONSE_BYTES", 2500)
+    stream, store = StreamHandler(backend), EventsStoreHandler(backend)
+    for _ in range(5):
+        await publish(stream, "t", b"x" * 1000)
+    read = await store.Read(events_pb2.ReadRequest(topic="t"), ALICE)
+    assert [e.sequence for e in read.events] == [1, 2]
+    await publish(stream, "big", b"x" * (MAX_EVENT_BYTES - 100))
+    assert len((await store.Read(events_pb2.ReadRequest(topic="big"), ALICE)).events) == 1
+
+
+async def test_publish_stream_answers_in_order_and_stops_at_a_bad_request(backend: MemoryEvents) -> None:
+    requests = Requests(*(events_pb2.PublishRequest(topic="t", payload=b"%d" % i) for i in range(3)))
+    requests.queue.put_nowait(events_pb2.PublishRequest(topic="bad topic"))
+    requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"never"))
+    responses = []
+    with pytest.raises(BadRequest):
+        async for response in StreamHandler(backend).PublishStream(requests, ALICE):
+            responses.append(response.sequence)
+    assert responses == [1, 2, 3]
+    assert [e.payload for e in await backend.read("alice", "t")] == [b"0", b"1", b"2"]
+
+
+async def test_publish_stream_batches_what_has_arrived(backend: MemoryEvents) -> None:
+    requests = Requests(*(events_pb2.PublishRequest(topic="t", payload=b"x") for _ in range(1200)), None)
+    sequences = [r.sequence async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    assert sequences == list(range(1, 1201))
+    with pytest.raises(PayloadTooLarge):
+        async for _ in StreamHandler(backend).PublishStream(
+            Requests(events_pb2.PublishRequest(topic="t", payload=b"x" * (MAX_EVENT_BYTES + 1)), None), ALICE
+        ):
+            pass
+
+
+async def test_consume_with_manual_acks(backend: MemoryEvents) -> None:
+    stream = StreamHandler(backend)
+    requests = Requests(options(topic="t", group="g", start=events_pb2.BEGINNING, auto_ack=False))
+    events: Any = stream.Consume(requests, ALICE)
+    await publish(stream, "t", b"a")
+    await publish(stream, "t", b"b")
+    first = await asyncio.wait_for(anext(events), TIMEOUT)
+    second = await asyncio.wait_for(anext(events), TIMEOUT)
+    requests.queue.put_nowait(ack(second.id))
+    requests.queue.put_nowait(ack("unknown-or-late"))
+    requests.queue.put_nowait(ack(first.id, success=False))
+    again = await asyncio.wait_for(anext(events), TIMEOUT)
+    assert (again.sequence, again.attempt) == (1, 2)
+    requests.queue.put_nowait(ack(again.id))
+    requests.queue.put_nowait(None)  # the client stops sending: events keep coming
+    await publish(stream, "t", b"c")
+    assert (await asyncio.wait_for(anext(events), TIMEOUT)).payload == b"c"
+    await events.aclose()
+    [topic] = (await stream.Topics(events_pb2.TopicsRequest(), ALICE)).topics
+    assert [(g.name, g.lag) for g in topic.groups] == [("g", 1)]
+
+
+async def test_consume_rejects_a_stream_without_options(backend: MemoryEvents) -> None:
+    with pytest.raises(BadRequest, match="first request"):
+        await anext(StreamHandler(backend).Consume(Requests(ack("x")), ALICE))
+    with pytest.raises(BadRequest, match="first request"):
+        await anext(StreamHandler(backend).Consume(Requests(None), ALICE))
+
+
+async def test_consume_ends_with_the_error_of_a_bad_later_request(backend: MemoryEvents) -> None:
+    requests = Requests(options(topic="t"), options(topic="t"))
+    with pytest.raises(BadRequest, match="only acks"):
+        async for _ in StreamHandler(backend).Consume(requests, ALICE):
+            pass
+
+
+async def test_acks_on_an_auto_ack_stream_end_it(backend: MemoryEvents) -> None:
+    stream = StreamHandler(backend)
+    requests = Requests(options(topic="t", start=events_pb2.BEGINNING))
+    await publish(stream, "t", b"x")
+    events: Any = stream.Consume(requests, ALICE)
+    event = await asyncio.wait_for(anext(events), TIMEOUT)
+    requests.queue.put_nowait(ack(event.id))
+    with pytest.raises(BadRequest, match="automatically"):
+        await asyncio.wait_for(anext(events), TIMEOUT)
+
+
+async def test_consume_over_grpc(backend: MemoryEvents) -> None:
+    dispatcher = Dispatcher()
+    dispatcher.add(
+        "events",
+        bind(StreamHandler(backend), events_pb2.DESCRIPTOR.services_by_name["Stream"])
+        + bind(EventsStoreHandler(backend), events_pb2.DESCRIPTOR.services_by_name["Store"]),
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((dispatcher,))
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await _consume_and_ack(channel)
+    finally:
+        await server.stop(None)
+
+
+async def _consume_and_ack(channel: grpc.aio.Channel) -> None:
+    metadata = (("micro-namespace", "alice"),)
+    consume = channel.stream_stream(
+        "/micro.events.v1.Stream/Consume",
+        request_serializer=events_pb2.ConsumeRequest.SerializeToString,
+        response_deserializer=events_pb2.Event.FromString,
+    )
+    publish = channel.unary_unary(
+        "/micro.events.v1.Stream/Publish",
+        request_serializer=events_pb2.PublishRequest.SerializeToString,
+        response_deserializer=events_pb2.PublishResponse.FromString,
+    )
+    call = consume(metadata=metadata)
+    await call.write(options(topic="t", group="g", start=events_pb2.BEGINNING, auto_ack=False))
+    await publish(events_pb2.PublishRequest(topic="t", payload=b"hello"), metadata=metadata)
+    event = await asyncio.wait_for(call.read(), TIMEOUT)
+    assert (event.payload, event.sequence, event.attempt) == (b"hello", 1, 1)
+    await call.write(ack(event.id))
+    await call.write(options(topic="t"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call.read(), TIMEOUT)
+    assert isinstance(error_from_rpc(caught.value), BadRequest)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await publish(events_pb2.PublishRequest(topic="bad topic"), metadata=metadata)
+    assert isinstance(error_from_rpc(caught.value), BadRequest)
