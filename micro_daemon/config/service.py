@@ -6,11 +6,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
-from micro.errors import Forbidden
+from micro.context import Context
 from micro.proto import config_pb2
 from micro_daemon.config.engine import ConfigEngine
 from micro_daemon.config.tree import parse_value
+from micro_daemon.namespaces import target_namespace
 
 __all__ = ["ConfigHandler"]
 
@@ -22,35 +22,30 @@ class ConfigHandler:
         self.engine = engine
 
     async def Get(self, request: config_pb2.GetRequest, context: Context) -> config_pb2.GetResponse:
-        namespace = _namespace(request.namespace, context)
+        namespace = target_namespace(request.namespace, context, what="the config")
         value = await self.engine.get(namespace, request.path, reveal=request.options.secret)
         return config_pb2.GetResponse(value=_value(value))
 
     async def Set(self, request: config_pb2.SetRequest, context: Context) -> config_pb2.SetResponse:
-        namespace = _namespace(request.namespace, context)
+        namespace = target_namespace(request.namespace, context, what="the config")
         value = parse_value(request.value.data)
         await self.engine.set(namespace, request.path, value, secret=request.options.secret)
         return config_pb2.SetResponse()
 
     async def Delete(self, request: config_pb2.DeleteRequest, context: Context) -> config_pb2.DeleteResponse:
-        await self.engine.delete(_namespace(request.namespace, context), request.path)
+        await self.engine.delete(
+            target_namespace(request.namespace, context, what="the config"), request.path
+        )
         return config_pb2.DeleteResponse()
 
     async def Watch(
         self, request: config_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[config_pb2.WatchResponse]:
-        namespace = _namespace(request.namespace, context)
+        namespace = target_namespace(request.namespace, context, what="the config")
         # async with: the watch is released even when the caller cancels the stream
         async with self.engine.watch(namespace, request.path, reveal=request.options.secret) as changes:
             async for path, value in changes:
                 yield config_pb2.WatchResponse(path=path, value=_value(value))
-
-
-def _namespace(namespace: str, context: Context) -> str:
-    namespace = validate_namespace(namespace) if namespace else context.namespace
-    if namespace != context.namespace and context.namespace != DEFAULT_NAMESPACE:
-        raise Forbidden(f"namespace {context.namespace!r} may not use the config of {namespace!r}")
-    return namespace
 
 
 def _value(value: Any) -> config_pb2.Value:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
-from micro.errors import BadRequest, Forbidden, PayloadTooLarge
+from micro.context import Context
+from micro.errors import BadRequest, PayloadTooLarge
 from micro.proto import runtime_pb2
+from micro_daemon.namespaces import target_namespace
 from micro_daemon.runtime.deployment import Spec
 from micro_daemon.runtime.logs import Line
 from micro_daemon.runtime.manager import Runtime
@@ -36,7 +37,7 @@ class RuntimeHandler:
             raise BadRequest(f"environment variables are KEY=VALUE, not {bad_env[0]!r}", id="runtime")
         spec = Spec(
             name=service.name,
-            namespace=_namespace(options.namespace, context),
+            namespace=target_namespace(options.namespace, context, what="the runtime"),
             source=service.source,
             folder="",
             version=service.version or "latest",
@@ -51,7 +52,9 @@ class RuntimeHandler:
 
     async def Read(self, request: runtime_pb2.ReadRequest, context: Context) -> runtime_pb2.ReadResponse:
         options = request.options
-        deployments = self.runtime.read(_namespace(options.namespace, context), options.service)
+        deployments = self.runtime.read(
+            target_namespace(options.namespace, context, what="the runtime"), options.service
+        )
         services = [d.to_proto() for d in deployments if options.version in ("", d.spec.version)]
         return runtime_pb2.ReadResponse(services=services)
 
@@ -60,7 +63,7 @@ class RuntimeHandler:
     ) -> runtime_pb2.UpdateResponse:
         options = request.options
         deployment = await self.runtime.update(
-            _namespace(options.namespace, context),
+            target_namespace(options.namespace, context, what="the runtime"),
             request.service.name,
             source=options.source,
             instances=max(0, options.instances),
@@ -70,14 +73,16 @@ class RuntimeHandler:
     async def Delete(
         self, request: runtime_pb2.DeleteRequest, context: Context
     ) -> runtime_pb2.DeleteResponse:
-        await self.runtime.delete(_namespace(request.options.namespace, context), request.service.name)
+        await self.runtime.delete(
+            target_namespace(request.options.namespace, context, what="the runtime"), request.service.name
+        )
         return runtime_pb2.DeleteResponse()
 
     async def Logs(
         self, request: runtime_pb2.LogsRequest, context: Context
     ) -> AsyncIterator[runtime_pb2.LogRecord]:
         lines = self.runtime.logs(
-            _namespace(request.options.namespace, context),
+            target_namespace(request.options.namespace, context, what="the runtime"),
             request.service,
             count=request.count if request.count > 0 else DEFAULT_LOG_LINES,
             since=float(request.since),
@@ -97,13 +102,6 @@ class RuntimeHandler:
                 raise PayloadTooLarge(f"the upload is over {MAX_UPLOAD_BYTES} bytes", id="runtime")
             chunks.append(chunk.data)
         return runtime_pb2.UploadResponse(id=self.runtime.sources.store_upload(b"".join(chunks)))
-
-
-def _namespace(namespace: str, context: Context) -> str:
-    namespace = validate_namespace(namespace) if namespace else context.namespace
-    if namespace != context.namespace and context.namespace != DEFAULT_NAMESPACE:
-        raise Forbidden(f"namespace {context.namespace!r} may not run services in {namespace!r}")
-    return namespace
 
 
 def _record(line: Line) -> runtime_pb2.LogRecord:

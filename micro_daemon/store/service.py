@@ -7,9 +7,10 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
-from micro.errors import BadRequest, Forbidden, PayloadTooLarge
+from micro.context import DEFAULT_NAMESPACE, Context
+from micro.errors import BadRequest, PayloadTooLarge
 from micro.proto import store_pb2
+from micro_daemon.namespaces import target_namespace
 from micro_daemon.store.backend import Field, Order, Query, Record, StoreBackend
 
 __all__ = ["MAX_KEY_BYTES", "MAX_VALUE_BYTES", "StoreHandler"]
@@ -103,9 +104,7 @@ class StoreHandler:
 
 def _location(database: str, table: str, context: Context) -> tuple[str, str]:
     """Micro's defaults: database = the caller's namespace, table = ``micro``."""
-    database = validate_namespace(database) if database else context.namespace
-    if database != context.namespace and context.namespace != DEFAULT_NAMESPACE:
-        raise Forbidden(f"namespace {context.namespace!r} may not use database {database!r}")
+    database = target_namespace(database, context, what="the store")
     table = table or DEFAULT_TABLE
     if not _TABLE.match(table):
         raise BadRequest(f"invalid table {table!r}: use 1-128 letters, digits, '_', '.' or '-'")
