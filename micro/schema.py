@@ -24,6 +24,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from micro._scalars import SCALAR_NAMES
 from micro.errors import BadRequest
 from micro.proto import registry_pb2
 
@@ -32,23 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["comments", "endpoints", "file_descriptor_set", "pool_from_schema", "value_tree"]
 
-_SCALARS: dict[int, str] = {
-    FieldDescriptor.TYPE_DOUBLE: "double",
-    FieldDescriptor.TYPE_FLOAT: "float",
-    FieldDescriptor.TYPE_INT64: "int64",
-    FieldDescriptor.TYPE_UINT64: "uint64",
-    FieldDescriptor.TYPE_INT32: "int32",
-    FieldDescriptor.TYPE_FIXED64: "fixed64",
-    FieldDescriptor.TYPE_FIXED32: "fixed32",
-    FieldDescriptor.TYPE_BOOL: "bool",
-    FieldDescriptor.TYPE_STRING: "string",
-    FieldDescriptor.TYPE_BYTES: "bytes",
-    FieldDescriptor.TYPE_UINT32: "uint32",
-    FieldDescriptor.TYPE_SFIXED32: "sfixed32",
-    FieldDescriptor.TYPE_SFIXED64: "sfixed64",
-    FieldDescriptor.TYPE_SINT32: "sint32",
-    FieldDescriptor.TYPE_SINT64: "sint64",
-}
+
 _WELL_KNOWN_PREFIX = "google/protobuf/"
 _WELL_KNOWN_FILE = re.compile(r"google/protobuf/(?:[a-z0-9_]+/)*[a-z0-9_]+\.proto")
 
@@ -158,7 +143,7 @@ def _type_name(field: FieldDescriptor) -> str:
         return message.full_name if _is_well_known(message) else message.name
     if field.enum_type is not None:
         return field.enum_type.name
-    return _SCALARS[field.type]
+    return SCALAR_NAMES[field.type]
 
 
 def _map_entry(field: FieldDescriptor) -> Descriptor | None:

@@ -33,23 +33,7 @@ _PROTO_DURATION = re.compile(r"(-?\d{1,12})(?:\.\d{1,9})?s")
 _DURATION_MAX = 315_576_000_000
 _WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
-_SCALAR_NAMES: dict[int, str] = {
-    FieldDescriptor.TYPE_DOUBLE: "double",
-    FieldDescriptor.TYPE_FLOAT: "float",
-    FieldDescriptor.TYPE_INT64: "int64",
-    FieldDescriptor.TYPE_UINT64: "uint64",
-    FieldDescriptor.TYPE_INT32: "int32",
-    FieldDescriptor.TYPE_FIXED64: "fixed64",
-    FieldDescriptor.TYPE_FIXED32: "fixed32",
-    FieldDescriptor.TYPE_BOOL: "bool",
-    FieldDescriptor.TYPE_STRING: "string",
-    FieldDescriptor.TYPE_BYTES: "bytes",
-    FieldDescriptor.TYPE_UINT32: "uint32",
-    FieldDescriptor.TYPE_SFIXED32: "sfixed32",
-    FieldDescriptor.TYPE_SFIXED64: "sfixed64",
-    FieldDescriptor.TYPE_SINT32: "sint32",
-    FieldDescriptor.TYPE_SINT64: "sint64",
-}
+
 _INT_RANGES: dict[int, tuple[int, int]] = {
     FieldDescriptor.TYPE_INT32: _INT32,
     FieldDescriptor.TYPE_SINT32: _INT32,
@@ -85,7 +69,7 @@ def type_label(field: FieldDescriptor) -> str:
         return field.enum_type.name
     message = field.message_type
     if message is None:
-        return _SCALAR_NAMES[field.type]
+        return SCALAR_NAMES[field.type]
     if message.full_name in _WRAPPERS:
         return type_label(message.fields_by_name["value"])
     return _WKT_LABELS.get(message.full_name, "JSON")
@@ -131,7 +115,7 @@ def _scalar(kind: int, text: str) -> Any:
 
 
 def _integer(kind: int, text: str) -> int:
-    name = _SCALAR_NAMES[kind]
+    name = SCALAR_NAMES[kind]
     try:
         value = int(text.strip(), 0) if text.strip().lower().startswith(("0x", "-0x")) else int(text)
     except ValueError:
@@ -143,7 +127,7 @@ def _integer(kind: int, text: str) -> int:
 
 
 def _float(kind: int, text: str) -> float | str:
-    name = _SCALAR_NAMES[kind]
+    name = SCALAR_NAMES[kind]
     try:
         value = float(text)
     except ValueError:
