@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from micro._scalars import SCALAR_NAMES
+
 if TYPE_CHECKING:
     from google.protobuf.descriptor import Descriptor
 
