@@ -7,8 +7,9 @@ futures only after the commit: concurrent writes share one fsync
 kill). Reads run on a few read-only connections in worker threads; WAL lets
 them proceed while a write commits. Nothing here blocks the event loop.
 
-The store's engine (``micro_daemon.store.backends.sqlite``) predates this module
-and keeps its own copy of the same pattern.
+Both embedded engines are built on it: the store's
+(``micro_daemon.store.backends.sqlite``) and the events'
+(``micro_daemon.events.sqlite``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def _prepare(path: Path, schema: str, block: str) -> sqlite3.Connection:
                 mode = cursor.fetchone()[0]
             if mode != "wal":
                 raise ServiceUnavailable(f"{path}: WAL mode unavailable (got {mode})", id=block)
+            # FULL: each commit fsyncs the WAL, so a write survives power loss, not only a process
+            # kill (NORMAL would do for that). Group commit spreads the fsync over a whole batch.
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(schema)
     except BaseException:
@@ -261,9 +264,19 @@ class SQLiteFile:
         self._writer.queue.put(_Write(apply, future))
         return await asyncio.wrap_future(future)
 
+    def status(self) -> str:
+        """``ok``, ``not open``, ``closed`` or ``writer thread stopped``; runs no query."""
+        if self._closed:
+            return "closed"
+        if self._writer is None:
+            return "not open"
+        if not self._writer.is_alive():
+            return "writer thread stopped"
+        return "ok"
+
     def healthy(self) -> bool:
         """Whether the file is open and its writer thread running."""
-        return not self._closed and self._writer is not None and self._writer.is_alive()
+        return self.status() == "ok"
 
     async def close(self) -> None:
         """Commit queued writes, stop the threads and close every connection. Never raises."""

@@ -6,6 +6,8 @@ Fixtures:
   ``MICRO_ENV``/``MICRO_NAMESPACE`` from the caller's environment.
 - ``micro_server``: a real daemon on that home, serving on an ephemeral port
   in a background thread, stopped at the end of the test.
+- ``daemon`` (with pytest-asyncio): a real daemon on the test's own event
+  loop, for async tests.
 - ``micro_cli``: runs ``micro`` commands in-process and returns an ``Outcome``.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,27 @@ class DaemonThread:
 def micro_server(micro_home: Path) -> Iterator[DaemonThread]:
     with DaemonThread(Home.from_env()) as daemon:
         yield daemon
+
+
+try:
+    import pytest_asyncio
+except ImportError:  # async fixtures need pytest-asyncio; the others work without it
+    HAS_ASYNCIO = False
+else:
+    HAS_ASYNCIO = True
+
+if HAS_ASYNCIO:
+
+    @pytest_asyncio.fixture
+    async def daemon(micro_home: Path) -> AsyncIterator[Any]:
+        """A real daemon on this test's event loop (ephemeral ports), stopped at the end."""
+        from micro_daemon.app import Daemon
+        from micro_daemon.settings import Settings
+
+        running = Daemon(Settings.load(), Home.from_env())
+        await running.start()
+        yield running
+        await running.stop(grace=1)
 
 
 @dataclass

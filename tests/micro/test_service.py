@@ -15,19 +15,9 @@ import pytest
 from micro import Context, Service, errors
 from micro.client import Client
 from micro.errors import BadRequest, NotFound, SetupError
-from micro.home import Home
 from micro.registry import RegistryClient
 from micro.transport import GrpcTransport
 from micro_daemon.app import Daemon
-from micro_daemon.settings import Settings
-
-
-@pytest.fixture
-async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(Settings.load(), Home.from_env())
-    await daemon.start()
-    yield daemon
-    await daemon.stop(grace=1)
 
 
 def greeter(pb: ModuleType) -> Any:

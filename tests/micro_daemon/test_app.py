@@ -25,14 +25,6 @@ from micro_daemon.settings import Settings
 
 
 @pytest.fixture
-async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(Settings.load(), Home.from_env())
-    await daemon.start()
-    yield daemon
-    await daemon.stop(grace=1)
-
-
-@pytest.fixture
 async def client(daemon: Daemon) -> AsyncIterator[Client]:
     client = Client(GrpcTransport(daemon.address))
     yield client

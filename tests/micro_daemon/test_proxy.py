@@ -7,7 +7,6 @@ import importlib.util
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -20,7 +19,6 @@ from micro._dispatch import Dispatcher
 from micro.client import Client
 from micro.context import Context
 from micro.errors import BadRequest, NotFound, ServiceUnavailable
-from micro.home import Home
 from micro.proto import registry_pb2
 from micro.registry import RegistryClient
 from micro.schema import endpoints, file_descriptor_set
@@ -29,7 +27,6 @@ from micro_daemon.app import Daemon
 from micro_daemon.proxy import directory
 from micro_daemon.proxy.directory import Directory, Target
 from micro_daemon.registry.memory import MemoryRegistry
-from micro_daemon.settings import Settings
 
 PROTO = """
 syntax = "proto3";
@@ -125,14 +122,6 @@ class Upstream:
 
     def entry(self) -> registry_pb2.Node:
         return registry_pb2.Node(id=self.node, address=self.address)
-
-
-@pytest.fixture
-async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(Settings.load(), Home.from_env())
-    await daemon.start()
-    yield daemon
-    await daemon.stop(grace=1)
 
 
 @pytest.fixture

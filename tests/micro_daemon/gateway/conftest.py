@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -13,10 +12,8 @@ import aiohttp
 import pytest
 
 from micro import Context, Service, errors
-from micro.home import Home
 from micro_daemon.app import Daemon
 from micro_daemon.gateway import Gateway
-from micro_daemon.settings import Settings
 
 SLOW = 1000  # a Stream count from which the greeter streams forever, slowly
 
@@ -74,14 +71,6 @@ def kitchen_handler(pb: ModuleType) -> Any:
                 yield request
 
     return Kitchen()
-
-
-@pytest.fixture
-async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(Settings.load(), Home.from_env())
-    await daemon.start()
-    yield daemon
-    await daemon.stop(grace=1)
 
 
 @pytest.fixture

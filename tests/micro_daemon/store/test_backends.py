@@ -115,8 +115,7 @@ async def test_group_commit_batches_concurrent_puts(sqlite_backend: SQLiteBacken
     )
     assert versions == [1] * 200
     assert await sqlite_backend.keys("db", "tb", Query()) == keys
-    assert sqlite_backend._writer is not None
-    assert sqlite_backend._writer.commits < 100
+    assert 0 < sqlite_backend.file.commits < 100
 
 
 async def test_a_failing_write_fails_alone_in_its_batch(sqlite_backend: SQLiteBackend) -> None:
