@@ -15,7 +15,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["cli_startup", "store_throughput", "cold_start", "reload_latency", "proxy_overhead", "memory"]
+BENCHMARKS = [
+    "cli_startup",
+    "dynamic_cli",
+    "store_throughput",
+    "cold_start",
+    "reload_latency",
+    "proxy_overhead",
+    "gateway",
+    "memory",
+]
 TIMEOUT = 300.0
 
 
