@@ -40,7 +40,7 @@ UNUSUAL_KEYS = [
     "quote'double\"",
     "spaces and\ttabs\nnewline",
     "glob*?[x]",
-    "x" * 4096,
+    "x" * 2048,
 ]
 
 
@@ -95,7 +95,7 @@ class StoreContract:
         assert (await backend.get(DB, TB, "bin")).value == value
 
     async def test_long_key_and_large_value(self, backend: StoreBackend) -> None:
-        key, value = "k" * 4096, bytes(range(256)) * (4 * 4096)
+        key, value = "k" * 2048, bytes(range(256)) * (4 * 4096)
         await backend.put(DB, TB, Record(key=key, value=value))
         assert (await backend.get(DB, TB, key)).value == value
         assert await backend.keys(DB, TB, Query(prefix="kkk")) == [key]

@@ -16,7 +16,8 @@ from micro_daemon.store.backend import Field, Order, Query, Record, StoreBackend
 __all__ = ["MAX_KEY_BYTES", "MAX_VALUE_BYTES", "StoreHandler"]
 
 DEFAULT_TABLE = "micro"
-MAX_KEY_BYTES = 4096
+# PostgreSQL indexes a key of up to 2704 bytes: 2048 fits every engine, whatever the key.
+MAX_KEY_BYTES = 2048
 MAX_VALUE_BYTES = 8 * 1024 * 1024
 LIST_PAGE = 1000
 _TABLE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")

@@ -77,6 +77,6 @@ def test_an_error_answered_by_the_service_keeps_its_code(micro_server, micro_cli
 def test_a_5mb_key_from_stdin_is_refused_with_exit_3(micro_server, micro_cli):
     body = json.dumps({"record": {"key": "k" * 5 * 1024 * 1024, "value": ""}})
     outcome = micro_cli("call", "store", "Store.Write", "-", input=body).assert_failure(3)
-    assert outcome.err.startswith("Error: Key is 5242880 bytes long; the limit is 4096")
+    assert outcome.err.startswith("Error: Key is 5242880 bytes long; the limit is 2048")
     assert outcome.err.count("\n") == 1
     assert "Traceback" not in outcome.err

@@ -78,7 +78,7 @@ def test_expected_local_errors_are_one_line_with_their_exit_code(micro_cli, args
         (["store", "read", ""], 3, "Key is empty"),
         (["store", "write", "", "v"], 3, "Key is empty"),
         (["store", "delete", ""], 3, "Key is empty"),
-        (["store", "read", "k" * 5000], 3, "the limit is 4096"),
+        (["store", "read", "k" * 5000], 3, "the limit is 2048"),
         (["store", "write", "k", "v", "--table", "no/slash"], 3, "Invalid table"),
         (["store", "read", "absent"], 4, "not found"),
         (["config", "get", "absent"], 4, "not found"),

@@ -66,7 +66,7 @@ async def test_empty_and_oversized_keys_are_bad_requests(client: Client) -> None
     store = StoreClient(client)
     with pytest.raises(BadRequest, match="key is empty"):
         await store.write("", b"x")
-    with pytest.raises(BadRequest, match="limit is 4096"):
+    with pytest.raises(BadRequest, match="limit is 2048"):
         await store.write("k" * 10_000_000, b"x")
     with pytest.raises(PayloadTooLarge):
         await store.write("big", b"x" * (9 * 1024 * 1024))

@@ -25,11 +25,13 @@ Factory = Callable[[str, Path], Awaitable[StoreBackend]]
 BUILTIN: dict[str, str] = {
     "sqlite": "micro_daemon.store.backends.sqlite:open_sqlite",
     "memory": "micro_daemon.store.backends.memory:open_memory",
+    "postgres": "micro_daemon.store.backends.postgres:open_postgres",
+    "postgresql": "micro_daemon.store.backends.postgres:open_postgres",
 }
 
 
 async def open_store(address: str, data_dir: Path) -> StoreBackend:
-    """Open the engine ``address`` names: ``sqlite`` (default, ``sqlite:///path`` for a file), ``memory``."""
+    """Open the engine ``address`` names: ``sqlite`` (default; ``sqlite:///path``), ``memory``, ``postgres://...``."""
     scheme = address.split("://", 1)[0] if address else "sqlite"
     return await _factory(scheme)(address, data_dir)
 
