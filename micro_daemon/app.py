@@ -28,24 +28,21 @@ from micro.home import DaemonState, Home
 from micro.proto import broker_pb2, config_pb2, debug_pb2, events_pb2, registry_pb2, runtime_pb2, store_pb2
 from micro.schema import endpoints
 from micro_daemon.broker.backend import BrokerBackend
-from micro_daemon.broker.memory import MemoryBroker
 from micro_daemon.broker.service import BrokerHandler
 from micro_daemon.config.engine import ConfigEngine
 from micro_daemon.config.secrets import SecretBox
 from micro_daemon.config.service import ConfigHandler
+from micro_daemon.engines import PROFILES, open_engine, redact
 from micro_daemon.events.backend import EventsBackend
 from micro_daemon.events.service import EventsStoreHandler, StreamHandler
-from micro_daemon.events.sqlite import open_sqlite as open_events
 from micro_daemon.gateway import Gateway
 from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
-from micro_daemon.registry.memory import MemoryRegistry
 from micro_daemon.registry.service import RegistryHandler
 from micro_daemon.runtime.manager import Runtime
 from micro_daemon.runtime.service import RuntimeHandler
 from micro_daemon.settings import Settings, parse_address
 from micro_daemon.store.backend import StoreBackend
-from micro_daemon.store.backends import open_store
 from micro_daemon.store.service import StoreHandler
 
 __all__ = ["Daemon", "run"]
@@ -104,7 +101,26 @@ class Daemon:
             )
         )
         log.info(
-            "micro server %s listening on %s (MICRO_HOME %s)", __version__, self.address, self.home.data_dir
+            "micro server %s listening on %s, API on %s (MICRO_HOME %s)",
+            __version__,
+            self.address,
+            self.api_address,
+            self.home.data_dir,
+        )
+        log.info("profile %s: %s", self.settings.profile, self.engines())
+
+    def engines(self) -> str:
+        """The engine of each block, addresses without passwords (for the start banner)."""
+        settings = self.settings
+        chosen = {
+            "store": settings.store_address,
+            "events": settings.events_address,
+            "broker": settings.broker_address,
+            "registry": settings.registry_address,
+        }
+        defaults = PROFILES.get(settings.profile, {})
+        return ", ".join(
+            f"{block} {redact(address or defaults.get(block, '?'))}" for block, address in chosen.items()
         )
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -156,14 +172,15 @@ class Daemon:
         self._lock_file = lock
 
     async def _open_backends(self) -> None:
-        self._store = await open_store(self.settings.store_address, self.home.data_dir)
-        self._registry = MemoryRegistry()
+        settings, data = self.settings, self.home.data_dir
+        self._store = await open_engine("store", settings.store_address, settings.profile, data)
+        self._registry = await open_engine("registry", settings.registry_address, settings.profile, data)
         self._runtime = Runtime(
             self.home, store=self._store, registry=self._registry, proxy_address=lambda: self.address
         )
         secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
-        self._broker = MemoryBroker()
-        self._events = await open_events(self.settings.events_address, self.home.data_dir)
+        self._broker = await open_engine("broker", settings.broker_address, settings.profile, data)
+        self._events = await open_engine("events", settings.events_address, settings.profile, data)
         config = ConfigEngine(self._store, secrets)
         ttl = float(self.settings.registry_ttl)
         blocks: dict[str, list[tuple[object, ServiceDescriptor]]] = {
@@ -182,7 +199,16 @@ class Daemon:
                 (EventsStoreHandler(self._events), events_pb2.DESCRIPTOR.services_by_name["Store"]),
             ],
         }
-        checks = {"store": self._store.health, "events": self._events.health}
+        checks = {
+            name: backend.health
+            for name, backend in (
+                ("store", self._store),
+                ("events", self._events),
+                ("broker", self._broker),
+                ("registry", self._registry),
+            )
+            if hasattr(backend, "health")
+        }
         debug = DebugHandler(self.dispatcher.counters, checks)
         debug_methods = bind(debug, debug_pb2.DESCRIPTOR.services_by_name["Debug"])
         for name, handlers in blocks.items():

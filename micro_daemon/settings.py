@@ -24,16 +24,22 @@ class Settings:
 
     address: str = _setting("MICRO_SERVER_ADDRESS", "127.0.0.1:8081", "gRPC proxy address, HOST:PORT")
     api_address: str = _setting("MICRO_API_ADDRESS", "127.0.0.1:8080", "HTTP API gateway address, HOST:PORT")
-    profile: str = _setting("MICRO_PROFILE", "local", "backend profile: local")
+    profile: str = _setting(
+        "MICRO_PROFILE", "local", "backend profile: local (this machine) or platform (shared)"
+    )
     store_address: str = _setting(
         "MICRO_STORE_ADDRESS",
         "",
-        "store engine: sqlite (default, under MICRO_HOME), sqlite:///path.db, memory",
+        "store engine: sqlite (local default), sqlite:///path.db, memory, postgres://...",
     )
     events_address: str = _setting(
-        "MICRO_EVENTS_ADDRESS",
-        "sqlite",
-        "events engine: sqlite (default, under MICRO_HOME), sqlite:///path.db",
+        "MICRO_EVENTS_ADDRESS", "", "events engine: sqlite (local default), sqlite:///path.db, nats://..."
+    )
+    broker_address: str = _setting(
+        "MICRO_BROKER_ADDRESS", "", "broker engine: memory (local default), nats://..."
+    )
+    registry_address: str = _setting(
+        "MICRO_REGISTRY_ADDRESS", "", "registry engine: memory (local default), nats://..."
     )
     registry_ttl: str = _setting(
         "MICRO_REGISTRY_TTL", "90", "seconds a node stays registered without a heartbeat"
@@ -53,8 +59,8 @@ class Settings:
     def validate(self) -> None:
         parse_address(self.address, "MICRO_SERVER_ADDRESS / --address")
         parse_address(self.api_address, "MICRO_API_ADDRESS / --api-address")
-        if self.profile not in ("local",):
-            raise SetupError(f"unknown profile {self.profile!r}: the profiles are: local", id="micro.server")
+        if self.profile not in ("local", "platform"):
+            raise SetupError(f"unknown profile {self.profile!r}: use local or platform", id="micro.server")
         try:
             float(self.registry_ttl)
         except ValueError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from pathlib import Path
 
 from micro.errors import BadRequest, ServiceUnavailable, TooManyRequests
 from micro.proto import broker_pb2
@@ -218,3 +219,8 @@ def _validate_queue(queue: str) -> None:
         raise BadRequest(
             f"invalid queue name {queue!r}: whitespace and control characters are not allowed", id=ERROR_ID
         )
+
+
+async def open_memory(address: str, data_dir: Path) -> MemoryBroker:
+    """The ``memory`` broker: in this daemon only."""
+    return MemoryBroker()

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from micro.errors import BadRequest, NotFound, TooManyRequests
 from micro.proto import registry_pb2
@@ -331,3 +332,8 @@ def _check_node(node: registry_pb2.Node, *, address: bool) -> None:
 def _check_ttl(ttl: float) -> None:
     if not ttl >= 0 or math.isinf(ttl):
         raise BadRequest(f"invalid ttl {ttl!r}: want seconds >= 0 (0: never expires)", id=_ERROR_ID)
+
+
+async def open_memory(address: str, data_dir: Path) -> MemoryRegistry:
+    """The ``memory`` registry: in this daemon only."""
+    return MemoryRegistry()
