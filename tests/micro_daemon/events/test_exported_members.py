@@ -18,6 +18,13 @@ MODULES = [
     "micro_daemon.events.memory",
     "micro_daemon.events.saving",
     "micro_daemon.events.service",
+    "micro_daemon.events.jetstream",
+    "micro_daemon.events.jetstream_consumer",
+    "micro_daemon.events.jetstream_groups",
+    "micro_daemon.events.jetstream_queries",
+    "micro_daemon.events.jetstream_retention",
+    "micro_daemon.events.jetstream_wire",
+    "micro_daemon.events.jetstream_writer",
     "micro_daemon.events.sqlite",
     "micro_daemon.sqlite_writer",
 ]

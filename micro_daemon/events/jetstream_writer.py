@@ -1,0 +1,209 @@
+"""Appending to a namespace's stream with per-topic sequences: the JetStream backend's writer.
+
+JetStream numbers messages per stream; Micro numbers events per topic. The
+writer of a namespace knows the stream's last sequence ``L`` and the last
+sequence of the topics it writes, stamps each event with the next one of its
+topic (header ``Micro-Seq``) and publishes a burst pipelined, as a chain: the
+first message expects the stream to end at ``L``, each later one at ``L + i``
+after the message before it (``Nats-Expected-Last-Sequence`` and
+``Nats-Expected-Last-Msg-Id``). JetStream stores a prefix of the chain and
+refuses the rest once anything else was written in between (another daemon,
+a retention marker): the writer then reloads ``L`` and the topics, and sends
+the rest again. Event ids are ``Nats-Msg-Id``s, so a resend after a lost
+answer is recognised as a duplicate instead of stored twice.
+
+Concurrent publishes of one namespace in this process share a burst (group
+commit); bursts go one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from micro.errors import MicroError, ServiceUnavailable
+from micro_daemon.events.backend import ERROR_ID, PublishItem
+from micro_daemon.events.jetstream_wire import (
+    WRONG_LAST_MSG_ID,
+    WRONG_LAST_SEQUENCE,
+    Link,
+    event_headers,
+    map_nats_exceptions,
+    status,
+)
+
+__all__ = ["CHAIN_HEADERS_BYTES", "MAX_BURST", "Entry", "NamespaceWriter"]
+
+MAX_BURST = 1000
+MAX_ROUNDS = 30
+MAX_KNOWN_TOPICS = 100_000
+CHAIN_HEADERS_BYTES = 128  # room the chain headers take next to the event's own
+_CONFLICTS = {WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID}
+
+
+@dataclass
+class Entry:
+    """One event waiting to be appended; ``done`` gets its topic sequence."""
+
+    item: PublishItem
+    id: str
+    done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    if not future.cancelled():
+        future.exception()  # the publisher may have been cancelled: never "never retrieved"
+
+
+class NamespaceWriter:
+    """Appends the events of one namespace to its stream (see the module docstring).
+
+    ``last_seq`` loads the stream's last sequence (creating the stream if
+    needed); ``subject`` and ``marker`` name a topic's subjects.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        stream: str,
+        *,
+        last_seq: Callable[[], Awaitable[int]],
+        subject: Callable[[str], str],
+        marker: Callable[[str], str],
+    ) -> None:
+        self.link = link
+        self.stream = stream
+        self._load_last_seq = last_seq
+        self._subject = subject
+        self._marker = marker
+        self._queue: list[Entry] = []
+        self._last_seq: int | None = None
+        self._topics: dict[str, int] = {}
+        self._running: asyncio.Task[None] | None = None
+
+    async def append(self, entries: Sequence[Entry]) -> list[int]:
+        """Queue ``entries`` for the next burst; return their topic sequences once stored."""
+        for entry in entries:
+            entry.done.add_done_callback(_retrieve)
+        self._queue.extend(entries)
+        if self._running is None:
+            self._running = asyncio.get_running_loop().create_task(self._run())
+        return [await asyncio.shield(entry.done) for entry in entries]
+
+    async def close(self) -> None:
+        """Finish the bursts already queued. Must not raise."""
+        if self._running is not None:
+            await asyncio.gather(self._running, return_exceptions=True)
+
+    def forget(self) -> None:
+        """Something else wrote to the stream: reload before the next burst."""
+        self._last_seq = None
+        self._topics.clear()
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                burst, self._queue = self._queue[:MAX_BURST], self._queue[MAX_BURST:]
+                try:
+                    with map_nats_exceptions(self.link.address):
+                        await self._write(burst)
+                except Exception as exc:
+                    error = (
+                        exc
+                        if isinstance(exc, MicroError)
+                        else ServiceUnavailable(f"publishing failed: {exc}", id=ERROR_ID)
+                    )
+                    for entry in burst:
+                        if not entry.done.done():
+                            entry.done.set_exception(error)
+        finally:
+            self._running = None
+
+    async def _write(self, burst: list[Entry]) -> None:
+        pending = burst
+        for attempt in range(MAX_ROUNDS):
+            if self._last_seq is None:
+                self._last_seq = await self._load_last_seq()
+            await self._learn({entry.item.topic for entry in pending})
+            pending = await self._send(pending)
+            if not pending:
+                return
+            self.forget()
+            await asyncio.sleep(random.uniform(0, 0.002 * attempt))  # let a competing writer finish
+        raise ServiceUnavailable(
+            f"could not append to {self.stream}: other writers kept interleaving", id=ERROR_ID
+        )
+
+    async def _learn(self, needed: set[str]) -> None:
+        """Load the last sequence of the ``needed`` topics not known yet."""
+        missing = needed - self._topics.keys()
+        if len(self._topics) + len(missing) > MAX_KNOWN_TOPICS:
+            self._topics.clear()
+            missing = needed
+        names = sorted(missing)
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            found = await asyncio.gather(*(self._topic_last(topic) for topic in chunk))
+            self._topics.update(zip(chunk, found, strict=True))
+
+    async def _topic_last(self, topic: str) -> int:
+        data, marker = await asyncio.gather(
+            self.link.get(self.stream, last_by_subj=self._subject(topic)),
+            self.link.get(self.stream, last_by_subj=self._marker(topic)),
+        )
+        last = data or marker
+        return last.topic_seq if last is not None else 0
+
+    async def _send(self, pending: list[Entry]) -> list[Entry]:
+        """Send ``pending`` as one chain; return the entries to send again (a conflict), else []."""
+        assert self._last_seq is not None
+        last_seq, seqs = self._last_seq, dict(self._topics)
+        assigned, answers = [], []
+        for index, entry in enumerate(pending):
+            seq = seqs[entry.item.topic] = seqs[entry.item.topic] + 1
+            headers = event_headers(entry.id, seq, entry.item.metadata, entry.item.timestamp_ns)
+            headers["Nats-Expected-Last-Sequence"] = str(last_seq + index)
+            if index:
+                headers["Nats-Expected-Last-Msg-Id"] = pending[index - 1].id
+            assigned.append(seq)
+            answers.append(await self.link.send(self._subject(entry.item.topic), entry.item.payload, headers))
+        await asyncio.wait(answers, timeout=self.link.timeout)
+        for index, (entry, answer) in enumerate(zip(pending, answers, strict=True)):
+            if not answer.done():
+                _cancel(answers[index:])
+                return pending[index:]  # unknown outcome: resend, de-duplicated by id
+            msg = answer.result()
+            ack = {} if status(msg) == "503" else json.loads(msg.data)  # 503: no stream (deleted)
+            error = ack.get("error") if ack else {"err_code": WRONG_LAST_SEQUENCE}
+            if error and error.get("err_code") in _CONFLICTS:
+                _cancel(answers[index:])
+                return pending[index:]
+            if error:
+                _cancel(answers[index:])
+                raise ServiceUnavailable(
+                    f"JetStream refused an event for {entry.item.topic!r}: {error.get('description')}",
+                    id=ERROR_ID,
+                )
+            if ack.get("duplicate"):  # stored by an earlier round whose answer was lost
+                stored = await self.link.get(self.stream, seq=ack["seq"])
+                self._resolve(entry, stored.topic_seq if stored is not None else assigned[index])
+                _cancel(answers[index + 1 :])
+                return pending[index + 1 :]  # the chain breaks here: the rest is sent again
+            self._resolve(entry, assigned[index])
+            self._last_seq = ack["seq"]
+        return []
+
+    def _resolve(self, entry: Entry, seq: int) -> None:
+        self._topics[entry.item.topic] = max(self._topics.get(entry.item.topic, 0), seq)
+        if not entry.done.done():
+            entry.done.set_result(seq)
+
+
+def _cancel(answers: Sequence[asyncio.Future[Msg]]) -> None:
+    for answer in answers:
+        answer.cancel()
