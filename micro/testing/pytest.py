@@ -24,6 +24,9 @@ import pytest
 
 from micro.home import Home
 
+# The conformance suites in micro.testing are assert-based: let pytest explain their failures.
+pytest.register_assert_rewrite("micro.testing")
+
 __all__ = ["DaemonThread", "Outcome"]
 
 _ISOLATED_VARIABLES = ("MICRO_ENV", "MICRO_NAMESPACE", "MICRO_PROFILE", "MICRO_STORE_ADDRESS", "MICRO_PROXY")
