@@ -25,7 +25,7 @@ import pytest
 from micro.home import Home
 
 # The conformance suites in micro.testing are assert-based: let pytest explain their failures.
-pytest.register_assert_rewrite("micro.testing")
+pytest.register_assert_rewrite("micro.testing.contracts", "micro.testing.messaging", "micro.testing.registry")
 
 __all__ = ["DaemonThread", "Outcome"]
 
