@@ -9,7 +9,19 @@ from typer.core import TyperGroup
 
 from micro import __version__
 from micro.errors import MicroError
-from micro_cli import call, config, environments_cmd, messaging, new, registry, runtime, server, store, user
+from micro_cli import (
+    call,
+    config,
+    debug,
+    environments_cmd,
+    messaging,
+    new,
+    registry,
+    runtime,
+    server,
+    store,
+    user,
+)
 from micro_cli.errors import HandledError, exit_code_for
 from micro_cli.output import report_error
 from micro_cli.session import options
@@ -99,6 +111,7 @@ app.add_typer(environments_cmd.app, name="env")
 app.add_typer(user.app, name="user")
 app.add_typer(messaging.broker_app, name="broker")
 app.add_typer(messaging.events_app, name="events")
+app.add_typer(debug.app, name="debug")
 
 
 def main() -> None:

@@ -39,3 +39,15 @@ def test_get_service_as_json(micro_server, micro_cli):
 def test_get_of_an_unknown_service_exits_4(micro_server, micro_cli):
     micro_cli("get", "service", "nope").assert_failure(4, err="'nope' not found; `micro services` lists them")
     micro_cli("-n", "team-a", "get", "service", "nope").assert_failure(4, err="in namespace 'team-a'")
+
+
+def test_debug_health_lists_the_engines(micro_server, micro_cli):
+    outcome = micro_cli("debug", "health", "--output", "json").assert_success()
+    answer = json.loads(outcome.out)
+    assert answer["status"] == "ok"
+    assert {"store", "events"} <= set(answer["checks"])
+
+
+def test_debug_stats_of_a_block(micro_server, micro_cli):
+    outcome = micro_cli("debug", "stats", "store", "--output", "json").assert_success()
+    assert json.loads(outcome.out)["service"] == "store"
