@@ -23,6 +23,7 @@ BENCHMARKS = [
     "reload_latency",
     "proxy_overhead",
     "gateway",
+    "messaging",
     "memory",
 ]
 TIMEOUT = 300.0

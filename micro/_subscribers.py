@@ -98,8 +98,10 @@ class Subscription(_Entrypoint):
 
         wanted = self._wanted()
         async for message in BrokerClient(client).subscribe(self.topic, queue=self.queue):
-            value = message if wanted is broker_pb2.Message else decode(message.body, message.header, wanted)
-            try:
+            try:  # a message that does not decode costs only itself, not the subscription
+                value = (
+                    message if wanted is broker_pb2.Message else decode(message.body, message.header, wanted)
+                )
                 await self.handler(value)
             except Exception:
                 log.exception("subscriber %s failed on a message of %r", self.name, self.topic)
@@ -113,6 +115,9 @@ class Consumption(_Entrypoint):
     start: str = "group"
     ack_wait: float = 30.0
     retry_limit: int = 5
+    # Once an event arrived the group is positioned: reconnecting resumes it rather than
+    # moving it to ``start`` again (a group from the beginning would replay everything).
+    _positioned: bool = field(default=False, init=False)
 
     def extra(self) -> dict[str, str]:
         return {"group": self.group}
@@ -124,15 +129,18 @@ class Consumption(_Entrypoint):
         consumer = EventsClient(client).consume(
             self.topic,
             group=self.group,
-            start=self.start,
+            start="group" if self._positioned else self.start,
             auto_ack=False,
             ack_wait=self.ack_wait,
             retry_limit=self.retry_limit,
         )
         try:
             async for event in consumer:
-                value = event if wanted is events_pb2.Event else decode(event.payload, event.metadata, wanted)
-                try:
+                self._positioned = True
+                try:  # an event that does not decode is nacked like one whose handler fails
+                    value = (
+                        event if wanted is events_pb2.Event else decode(event.payload, event.metadata, wanted)
+                    )
                     await self.handler(value)
                 except Exception:
                     log.exception(

@@ -8,6 +8,7 @@ group, acked when the handler returns and redelivered when it raises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -21,6 +22,8 @@ __all__ = ["Consumer", "EventsClient", "publish", "read"]
 _SERVICE = "events"
 _STREAM = "/micro.events.v1.Stream/"
 _STORE = "/micro.events.v1.Store/"
+# How long a closing consumer with manual acks waits for the daemon to read its last acks.
+_ACK_GRACE = 0.1
 _STARTS = {"group": events_pb2.GROUP, "beginning": events_pb2.BEGINNING, "sequence": events_pb2.SEQUENCE}
 
 
@@ -98,11 +101,15 @@ class Consumer:
         self._requests: asyncio.Queue[events_pb2.ConsumeRequest | None] = asyncio.Queue()
         self._requests.put_nowait(events_pb2.ConsumeRequest(options=options))
         self._events = client.bidi(_SERVICE, _STREAM + "Consume", self._outgoing(), events_pb2.Event)
+        self._manual = options.HasField("auto_ack") and not options.auto_ack
+        self._started = False
+        self._flushed = asyncio.Event()
 
     def __aiter__(self) -> Consumer:
         return self
 
     async def __anext__(self) -> events_pb2.Event:
+        self._started = True
         return await self._events.__anext__()
 
     async def ack(self, event: events_pb2.Event) -> None:
@@ -112,13 +119,30 @@ class Consumer:
         """Ask for ``event`` to be delivered again now."""
         await self._requests.put(events_pb2.ConsumeRequest(ack=events_pb2.Ack(id=event.id, success=False)))
 
-    async def close(self) -> None:
+    async def close(self, *, grace: float = _ACK_GRACE) -> None:
+        """Stop consuming; events received but not acked go back to the group.
+
+        With manual acks, the acks given so far are sent first, and the stream
+        stays open up to ``grace`` seconds for the daemon to apply them (one it
+        misses is delivered again: at least once).
+        """
         await self._requests.put(None)
-        await self._events.aclose()  # type: ignore[attr-defined]  # an async generator
+        try:
+            if self._manual and self._started:
+                with contextlib.suppress(Exception):  # the stream may have failed already: nothing to send
+                    await asyncio.wait_for(self._drain(), grace)
+        finally:
+            await self._events.aclose()  # type: ignore[attr-defined]  # an async generator
+
+    async def _drain(self) -> None:
+        await self._flushed.wait()  # every ack written to the transport
+        async for _ in self._events:  # later events are not acked: they go back to the group
+            pass
 
     async def _outgoing(self) -> AsyncIterator[events_pb2.ConsumeRequest]:
         while (request := await self._requests.get()) is not None:
             yield request
+        self._flushed.set()
 
 
 def _publish_request(

@@ -111,13 +111,22 @@ def events_consume(
 
     async def go() -> None:
         async with connect(timeout=None) as client:
+            # Acked once printed (an event received but not printed goes back to the group), and
+            # never dead-lettered for being received by a consumer that stopped before printing it.
             consumer = EventsClient(client).consume(
-                topic, group=group, start=start, sequence=offset or 0, since=since_time
+                topic,
+                group=group,
+                start=start,
+                sequence=offset or 0,
+                since=since_time,
+                auto_ack=False,
+                retry_limit=-1,
             )
             try:
                 count = 0
                 async for event in consumer:
                     _line(_event_json(event))
+                    await consumer.ack(event)
                     count += 1
                     if limit and count >= limit:
                         break
