@@ -250,6 +250,17 @@ class SQLiteFile:
             raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._readers.run, read)
 
+    def read_now(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``read(conn)`` on the calling thread (the event loop).
+
+        Only for lookups by primary key: they take microseconds, where the hop
+        to a reader thread and back costs a hundred or more; and in WAL mode a
+        reader never waits for the writer.
+        """
+        if self._closed or self._executor is None:
+            raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
+        return self._readers.run(read)
+
     async def write(self, apply: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``apply(conn)`` in the writer's next transaction; return its result once durable.
 

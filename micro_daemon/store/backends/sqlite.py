@@ -152,7 +152,7 @@ class SQLiteBackend(StoreBackend):
     async def get(self, database: str, table: str, key: str) -> Record:
         sql = f"SELECT {_COLUMNS} FROM records WHERE database = ? AND tbl = ? AND key = ? AND {_LIVE}"
         params = (database, table, key, time.time())
-        rows = await self.file.read(lambda conn: _rows(conn, sql, params))
+        rows = self.file.read_now(lambda conn: _rows(conn, sql, params))  # a primary-key lookup
         if not rows:
             raise NotFound(f"key {key!r} not found in table {table!r} of namespace {database!r}", id="store")
         return _record(rows[0])
