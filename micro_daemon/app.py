@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ import socket
 import time
 import uuid
 from importlib import resources
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -30,12 +31,11 @@ from micro.schema import endpoints
 from micro_daemon.broker.backend import BrokerBackend
 from micro_daemon.broker.service import BrokerHandler
 from micro_daemon.config.engine import ConfigEngine
-from micro_daemon.config.secrets import SecretBox
+from micro_daemon.config.secrets import KEY_ENV, SecretBox
 from micro_daemon.config.service import ConfigHandler
 from micro_daemon.engines import PROFILES, open_engine, redact
 from micro_daemon.events.backend import EventsBackend
 from micro_daemon.events.service import EventsStoreHandler, StreamHandler
-from micro_daemon.gateway import Gateway
 from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.registry.service import RegistryHandler
@@ -44,6 +44,9 @@ from micro_daemon.runtime.service import RuntimeHandler
 from micro_daemon.settings import Settings, parse_address
 from micro_daemon.store.backend import StoreBackend
 from micro_daemon.store.service import StoreHandler
+
+if TYPE_CHECKING:
+    from micro_daemon.gateway import Gateway
 
 __all__ = ["Daemon", "run"]
 
@@ -75,39 +78,52 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._blocks: list[registry_pb2.Service] = []
         self.dispatcher = Dispatcher()
+        self._started = 0.0
 
     async def start(self) -> None:
         """Open the backends, bind the port, register the blocks and publish the state file."""
         self.home.ensure()
         self._lock()
+        self._started = time.time()
+        # aiohttp takes a third of the daemon's start-up to import: do it in a thread meanwhile.
+        gateway = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, "micro_daemon.gateway"))
         try:
             await self._open_backends()
             await self._serve()
-            assert self._proxy is not None
-            self._gateway = Gateway(self._proxy, self.dispatcher, registry=self._registry)
-            self.api_address = await self._gateway.start(self.settings.api_address)
-            assert self._runtime is not None
+            assert self._proxy is not None and self._runtime is not None
             await self._runtime.restore()
+            self._publish_state()  # the gRPC address answers: a waiting CLI may go on
+            log.info(
+                "micro server %s listening on %s (MICRO_HOME %s)",
+                __version__,
+                self.address,
+                self.home.data_dir,
+            )
+            self._gateway = (await gateway).Gateway(self._proxy, self.dispatcher, registry=self._registry)
+            self.api_address = await self._gateway.start(self.settings.api_address)
         except BaseException:
             await self.stop()
             raise
+        self._publish_state()
+        log.info("API gateway on %s", self.api_address)
+        log.info("profile %s: %s", self.settings.profile, self.engines())
+        if self.settings.profile == "platform" and not os.environ.get(KEY_ENV):
+            log.warning(
+                "%s is not set: config secrets set through this daemon can be read only through it; "
+                "give every daemon of the platform the same key (base64 of 32 random bytes)",
+                KEY_ENV,
+            )
+
+    def _publish_state(self) -> None:
         self.home.write_state(
             DaemonState(
                 pid=os.getpid(),
                 address=self.address,
                 api_address=self.api_address,
-                started=time.time(),
+                started=self._started,
                 version=__version__,
             )
         )
-        log.info(
-            "micro server %s listening on %s, API on %s (MICRO_HOME %s)",
-            __version__,
-            self.address,
-            self.api_address,
-            self.home.data_dir,
-        )
-        log.info("profile %s: %s", self.settings.profile, self.engines())
 
     def engines(self) -> str:
         """The engine of each block, addresses without passwords (for the start banner)."""
@@ -176,7 +192,11 @@ class Daemon:
         self._store = await open_engine("store", settings.store_address, settings.profile, data)
         self._registry = await open_engine("registry", settings.registry_address, settings.profile, data)
         self._runtime = Runtime(
-            self.home, store=self._store, registry=self._registry, proxy_address=lambda: self.address
+            self.home,
+            store=self._store,
+            registry=self._registry,
+            proxy_address=lambda: self.address,
+            adopt_unscoped=settings.profile == "local",  # the store is this daemon's alone
         )
         secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
         self._broker = await open_engine("broker", settings.broker_address, settings.profile, data)
