@@ -586,11 +586,11 @@ def report(results: Results) -> tuple[dict[str, Any], list[Target]]:
         ],
     )
     print(
-        "\nbulk: micro publish_many (one PublishStream); JetStream publish_async (4,000 pending), then"
-        " every ack.\nconsume/replay: micro auto-ack consumer; JetStream pull consumer, AckNone,"
-        " fetch 1,000.\nreferences: the floor of one call through the daemon (single publish), and of"
-        " a stream that sends one\nevent per gRPC message, as Consume does (a grpc.aio server process with"
-        " nothing else to do; replay).\n"
+        "\nbulk: micro publish_many (PublishBatch calls of 1,000); JetStream publish_async"
+        " (4,000 pending), then every ack.\nconsume/replay: micro auto-ack consumer (ConsumeBatches,"
+        " up to 500 events a message); JetStream pull consumer, AckNone, fetch 1,000.\nreferences:"
+        " the floor of one call through the daemon (single publish), and of a stream that sends one"
+        "\nevent per gRPC message, as Consume does (a grpc.aio server process with nothing else to do).\n"
     )
     daemon_us = results.extra.get("replay_daemon_cpu_us_per_event", 0)
     print(

@@ -98,13 +98,39 @@ class Ack(_message.Message):
     success: bool
     def __init__(self, id: _Optional[str] = ..., success: _Optional[bool] = ...) -> None: ...
 
+class AckBatch(_message.Message):
+    __slots__ = ("acks",)
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    acks: _containers.RepeatedCompositeFieldContainer[Ack]
+    def __init__(self, acks: _Optional[_Iterable[_Union[Ack, _Mapping]]] = ...) -> None: ...
+
 class ConsumeRequest(_message.Message):
-    __slots__ = ("options", "ack")
+    __slots__ = ("options", "ack", "ack_batch")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    ACK_BATCH_FIELD_NUMBER: _ClassVar[int]
     options: ConsumeOptions
     ack: Ack
-    def __init__(self, options: _Optional[_Union[ConsumeOptions, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+    ack_batch: AckBatch
+    def __init__(self, options: _Optional[_Union[ConsumeOptions, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., ack_batch: _Optional[_Union[AckBatch, _Mapping]] = ...) -> None: ...
+
+class PublishBatchRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[PublishRequest]
+    def __init__(self, events: _Optional[_Iterable[_Union[PublishRequest, _Mapping]]] = ...) -> None: ...
+
+class PublishBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PublishResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[PublishResponse, _Mapping]]] = ...) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class TopicsRequest(_message.Message):
     __slots__ = ()

@@ -180,6 +180,14 @@ class Consumer(abc.ABC):
     async def __anext__(self) -> events_pb2.Event:
         """The next event of the group for this consumer; waits for one."""
 
+    async def take_ready(self, limit: int) -> list[events_pb2.Event]:
+        """Up to ``limit`` more events, only those ready now: never waits for one to be published.
+
+        For batching after ``__anext__``; may do I/O (a read, a save) but does
+        not join the consumers waiting for events. By default none.
+        """
+        return []
+
     @abc.abstractmethod
     async def ack(self, id: str) -> None:
         """Mark the event ``id`` done for the group; durable once this returns.

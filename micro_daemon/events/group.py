@@ -55,6 +55,9 @@ class GroupConsumer(Consumer):
             raise StopAsyncIteration
         return await self.group.take(self)
 
+    async def take_ready(self, limit: int) -> list[events_pb2.Event]:
+        return await self.group.take_ready(self, limit)
+
     async def ack(self, id: str) -> None:
         await self.group.ack(self, self._seq(id))
 
@@ -170,6 +173,29 @@ class Group(SavedGroup):
                 await self._fill()
             else:
                 await self._wait()
+
+    async def take_ready(self, consumer: GroupConsumer, limit: int) -> list[events_pb2.Event]:
+        """Up to ``limit`` events for ``consumer`` as ``take`` would give them, without waiting for any."""
+        events: list[events_pb2.Event] = []
+        while len(events) < limit and not consumer.closed:
+            if len(consumer.inflight) >= consumer.max_in_flight:
+                break
+            if self.ready:
+                event = await self._redeliver(consumer, self.ready.popleft())
+                if event is not None:
+                    events.append(event)
+            elif self.buffer:
+                try:
+                    events.append(await self._hand_fresh(consumer, self.buffer.popleft()))
+                except Exception:
+                    if not events:
+                        raise
+                    break  # hand over those taken; the next take meets the error again
+            elif self.next_seq <= self.topic.last_seq:
+                await self._fill()
+            else:
+                break
+        return events
 
     async def _hand_fresh(self, consumer: GroupConsumer, event: events_pb2.Event) -> events_pb2.Event:
         seq, generation = event.sequence, self.generation

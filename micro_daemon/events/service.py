@@ -3,7 +3,9 @@
 Topics live in the caller's namespace. ``Consume`` reads its first request as
 the options and later ones as acks, concurrently with streaming events out;
 ``PublishStream`` publishes whatever requests have arrived as one batch (one
-transaction), answering each in order.
+transaction), answering each in order. ``PublishBatch`` and ``ConsumeBatches``
+are their batched forms: many events per gRPC message, which costs about as
+much as an event's whole handling, so replay and bulk publish send few.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from micro.context import Context
 from micro.errors import BadRequest, MicroError, NotFound
@@ -29,11 +33,22 @@ from micro_daemon.events.backend import (
     check_item,
 )
 
-__all__ = ["PUBLISH_BATCH", "READ_RESPONSE_BYTES", "EventsStoreHandler", "StreamHandler"]
+__all__ = [
+    "CONSUME_BATCH_BYTES",
+    "CONSUME_BATCH_EVENTS",
+    "PUBLISH_BATCH",
+    "READ_RESPONSE_BYTES",
+    "EventsStoreHandler",
+    "StreamHandler",
+]
 
 PUBLISH_BATCH = 500
+# What one ConsumeBatches message carries at most: events, and bytes (past one event).
+CONSUME_BATCH_EVENTS = 500
+CONSUME_BATCH_BYTES = 1024 * 1024
 READ_RESPONSE_BYTES = 8 * 1024 * 1024
 _ACKS_IN_FLIGHT = 256
+_TAKE_READY = 50  # events taken at once for a batch: what passes its byte limit waits for the next
 logger = logging.getLogger(__name__)
 
 
@@ -62,14 +77,21 @@ class StreamHandler:
                 if error is not None:
                     raise error
 
+    async def PublishBatch(
+        self, request: events_pb2.PublishBatchRequest, context: Context
+    ) -> events_pb2.PublishBatchResponse:
+        """Publish every event in one transaction (all or none), after validating them all."""
+        # publish_many validates every item before it writes any (check_item): no need to twice.
+        items = [PublishItem(e.topic, e.payload, e.metadata, e.timestamp) for e in request.events]
+        results = await self.backend.publish_many(context.namespace, items) if items else []
+        return events_pb2.PublishBatchResponse(
+            results=[events_pb2.PublishResponse(id=event_id, sequence=seq) for event_id, seq in results]
+        )
+
     async def Consume(
         self, requests: AsyncIterator[events_pb2.ConsumeRequest], context: Context
     ) -> AsyncIterator[events_pb2.Event]:
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("request") != "options":
-            raise BadRequest("the first request of Consume must carry the options", id=ERROR_ID)
-        options = first.options
-        consumer = await self.backend.consume(context.namespace, options.topic, consume_spec(options))
+        consumer = await self._consumer(requests, context, "Consume")
         acks = _AckReader(requests, consumer)
         try:
             async for event in consumer:
@@ -78,6 +100,30 @@ class StreamHandler:
         finally:
             await acks.stop()
             await consumer.close()
+
+    async def ConsumeBatches(
+        self, requests: AsyncIterator[events_pb2.ConsumeRequest], context: Context
+    ) -> AsyncIterator[events_pb2.EventBatch]:
+        """``Consume`` with every event the consumer has ready in one message."""
+        consumer = await self._consumer(requests, context, "ConsumeBatches")
+        acks = _AckReader(requests, consumer)
+        batches = _EventBatches(consumer)
+        try:
+            while (batch := await batches.next()) is not None:
+                yield batch
+            acks.raise_failure()
+        finally:
+            await acks.stop()
+            await consumer.close()
+
+    async def _consumer(
+        self, requests: AsyncIterator[events_pb2.ConsumeRequest], context: Context, rpc: str
+    ) -> Consumer:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("request") != "options":
+            raise BadRequest(f"the first request of {rpc} must carry the options", id=ERROR_ID)
+        options = first.options
+        return await self.backend.consume(context.namespace, options.topic, consume_spec(options))
 
     async def Topics(self, request: events_pb2.TopicsRequest, context: Context) -> events_pb2.TopicsResponse:
         return events_pb2.TopicsResponse(topics=await self.backend.topics(context.namespace))
@@ -155,16 +201,31 @@ class _AckReader:
     async def _read(self, requests: AsyncIterator[events_pb2.ConsumeRequest]) -> None:
         try:
             async for request in requests:
-                if request.WhichOneof("request") != "ack":
+                kind = request.WhichOneof("request")
+                if kind == "ack":
+                    settle = self._settle(request.ack)
+                elif kind == "ack_batch":
+                    settle = self._settle_all(list(request.ack_batch.acks))
+                else:
                     raise BadRequest("after the options, Consume takes only acks", id=ERROR_ID)
                 await self._slots.acquire()
-                task = asyncio.create_task(self._settle(request.ack))
+                task = asyncio.create_task(self._released(settle))
                 self._settling.add(task)
                 task.add_done_callback(self._settling.discard)
             await asyncio.gather(*self._settling)
         except MicroError as error:
             self._failure = self._failure or error
             await self._consumer.close()
+
+    async def _released(self, settle: Coroutine[Any, Any, None]) -> None:
+        try:
+            await settle
+        finally:
+            self._slots.release()
+
+    async def _settle_all(self, acks: list[events_pb2.Ack]) -> None:
+        """Settle a batch of acks together: their saves share writes."""
+        await asyncio.gather(*(self._settle(ack) for ack in acks))
 
     async def _settle(self, ack: events_pb2.Ack) -> None:
         try:
@@ -177,8 +238,44 @@ class _AckReader:
         except MicroError as error:
             self._failure = self._failure or error
             await self._consumer.close()
-        finally:
-            self._slots.release()
+
+
+class _EventBatches:
+    """Takes a consumer's events in batches: one event (waiting for it), then all that are ready.
+
+    Events taken past a batch's byte limit start the next batch. Like
+    ``Consume``, it takes events only as it sends them: an auto-acked event
+    taken but never sent is lost when the stream ends.
+    """
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+        self._carried: deque[events_pb2.Event] = deque()
+
+    async def next(self) -> events_pb2.EventBatch | None:
+        """The next batch (never empty); ``None`` once the consumer ends."""
+        if not self._carried:
+            try:
+                self._carried.append(await anext(self._consumer))
+            except StopAsyncIteration:
+                return None
+        batch = events_pb2.EventBatch()
+        size = 0
+        while len(batch.events) < CONSUME_BATCH_EVENTS:
+            if not self._carried:
+                self._carried.extend(
+                    await self._consumer.take_ready(
+                        min(_TAKE_READY, CONSUME_BATCH_EVENTS - len(batch.events))
+                    )
+                )
+                if not self._carried:
+                    break
+            event_size = self._carried[0].ByteSize()
+            if batch.events and size + event_size > CONSUME_BATCH_BYTES:
+                break
+            batch.events.append(self._carried.popleft())
+            size += event_size
+        return batch
 
 
 class _Batcher:

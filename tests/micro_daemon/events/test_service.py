@@ -69,6 +69,8 @@ def test_handlers_match_the_protos(backend: MemoryEvents) -> None:
         "Publish",
         "PublishStream",
         "Consume",
+        "PublishBatch",
+        "ConsumeBatches",
         "Topics",
     ]
     assert [
