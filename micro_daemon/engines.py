@@ -15,6 +15,7 @@ start-up naming the variable to set.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Awaitable, Callable
 from difflib import get_close_matches
 from importlib.metadata import entry_points
@@ -65,7 +66,14 @@ async def open_engine(block: str, address: str, profile: str, data_dir: Path) ->
             id="micro.server",
         )
     scheme = address.split("://", 1)[0]
-    return await _factory(block, scheme)(address, data_dir)
+    factory = _factory(block, scheme)
+    try:
+        return await factory(address, data_dir)
+    except SetupError as exc:
+        if re.search(rf"(^|\s){block}\b", exc.detail, re.IGNORECASE):
+            raise
+        # An engine shared by several blocks (NATS) may not say which one it was opened for.
+        raise SetupError(f"{block}: {exc.detail}", id=exc.id) from exc
 
 
 def redact(address: str) -> str:

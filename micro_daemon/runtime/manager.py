@@ -1,17 +1,27 @@
-"""The runtime: which services run in which namespace, persisted so they come back after a restart."""
+"""The runtime: which services run in which namespace, persisted so they come back after a restart.
+
+Each daemon keeps its records in the store under its own node id (a random id
+kept in ``MICRO_HOME``'s data folder, ``runtime_node``): keys are
+``<node>/<namespace>/<name>``. Daemons of a platform share one store, and each
+restores only the services it ran itself, whose builds and uploaded sources
+are on its machine. Records of an earlier version (``<namespace>/<name>``) are
+taken over by the daemon only when its store is its own (``adopt_unscoped``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from micro.errors import BadRequest, Conflict, NotFound
-from micro.home import Home
+from micro.home import Home, write_private
 from micro.proto import runtime_pb2
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.runtime.builder import Builder
@@ -26,6 +36,7 @@ log = logging.getLogger("micro.runtime")
 
 _DATABASE = "micro"
 _TABLE = "runtime"
+_NODE_FILE = "runtime_node"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -39,8 +50,11 @@ class Runtime:
         store: StoreBackend,
         registry: RegistryBackend,
         proxy_address: Callable[[], str],
+        adopt_unscoped: bool = False,
     ) -> None:
         self.home = home
+        self.node = _node_id(home.data_dir / _NODE_FILE)
+        self._adopt_unscoped = adopt_unscoped
         self.store = store
         self.registry = registry
         self.proxy_address = proxy_address
@@ -110,7 +124,7 @@ class Runtime:
         await deployment.stop()
         deployment.log.write_event("stopped and removed")
         try:
-            await self.store.delete(_DATABASE, _TABLE, _key(namespace, name))
+            await self.store.delete(_DATABASE, _TABLE, self._key(namespace, name))
         except NotFound:
             pass
         return deployment
@@ -128,8 +142,10 @@ class Runtime:
         return _aiter(log_file.tail(count, since))
 
     async def restore(self) -> None:
-        """Start again every service that was running when the daemon last stopped."""
-        for record in await self.store.query(_DATABASE, _TABLE, Query()):
+        """Start again every service that was running when this daemon last stopped."""
+        if self._adopt_unscoped:
+            await self._adopt()
+        for record in await self.store.query(_DATABASE, _TABLE, Query(prefix=f"{self.node}/")):
             try:
                 spec = Spec(**json.loads(record.value))
             except (TypeError, ValueError) as exc:
@@ -160,7 +176,22 @@ class Runtime:
 
     async def _save(self, spec: Spec) -> None:
         value = json.dumps(dataclasses.asdict(spec)).encode()
-        await self.store.put(_DATABASE, _TABLE, Record(key=_key(spec.namespace, spec.name), value=value))
+        await self.store.put(_DATABASE, _TABLE, Record(key=self._key(spec.namespace, spec.name), value=value))
+
+    def _key(self, namespace: str, name: str) -> str:
+        return f"{self.node}/{namespace}/{name}"
+
+    async def _adopt(self) -> None:
+        """Move the records of an earlier version, keyed ``<namespace>/<name>``, under this node."""
+        for record in await self.store.query(_DATABASE, _TABLE, Query()):
+            if record.key.count("/") != 1:
+                continue
+            namespace, _, name = record.key.partition("/")
+            await self.store.put(
+                _DATABASE, _TABLE, Record(key=self._key(namespace, name), value=record.value)
+            )
+            with contextlib.suppress(NotFound):
+                await self.store.delete(_DATABASE, _TABLE, record.key)
 
 
 async def _aiter(lines: list[Line]) -> AsyncIterator[Line]:
@@ -168,8 +199,17 @@ async def _aiter(lines: list[Line]) -> AsyncIterator[Line]:
         yield line
 
 
-def _key(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
+def _node_id(path: Path) -> str:
+    """This daemon's node id, kept in ``path`` (created on first use)."""
+    try:
+        node = path.read_text().strip()
+    except FileNotFoundError:
+        node = ""
+    if not node:
+        node = uuid.uuid4().hex
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(path, node.encode())
+    return node
 
 
 def _check_name(name: str) -> None:

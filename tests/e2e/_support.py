@@ -12,11 +12,17 @@ from pathlib import Path
 
 __all__ = [
     "MICRO",
+    "NATS_URL",
+    "POSTGRES_URL",
     "alive",
     "daemons",
+    "drop_platform",
     "micro",
     "new_service",
+    "platform_addresses",
+    "processes_of",
     "replace_in",
+    "require_platform_engines",
     "state",
     "stop",
     "wait_until",
@@ -92,5 +98,101 @@ def daemons(home: Path) -> list[int]:
             continue
         is_daemon = b"micro_daemon" in command or (b"micro_cli" in command and b"server" in command)
         if is_daemon and f"MICRO_HOME={home}".encode() in environ:
+            found.append(int(entry.name))
+    return [pid for pid in found if alive(pid)]
+
+
+# -- the platform profile: PostgreSQL and NATS shared by several daemons ------------------------------
+
+POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+NATS_URL = "nats://127.0.0.1:4222"
+_START_ENGINES = (
+    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start; "
+    "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
+    "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log"
+)
+
+
+def require_platform_engines() -> None:
+    """Fail (never skip) unless PostgreSQL and NATS with JetStream answer."""
+    import asyncio
+
+    import psycopg
+
+    try:
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        raise AssertionError(
+            f"PostgreSQL at {POSTGRES_URL} does not answer ({exc}); start it: {_START_ENGINES}"
+        ) from exc
+
+    async def jetstream() -> None:
+        import nats
+
+        nc = await nats.connect(NATS_URL, connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False)
+        try:
+            await nc.jetstream().account_info()
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(jetstream())
+    except Exception as exc:
+        raise AssertionError(
+            f"NATS with JetStream at {NATS_URL} does not answer ({exc!r}); start it: {_START_ENGINES}"
+        ) from exc
+
+
+def platform_addresses(tag: str, *, password: str = "") -> dict[str, str]:
+    """The four ``MICRO_*_ADDRESS`` variables of a platform in schema and prefix ``tag`` alone."""
+    store = POSTGRES_URL.replace("postgres@", f"postgres:{password}@") if password else POSTGRES_URL
+    return {
+        "MICRO_STORE_ADDRESS": f"{store}?schema={tag}",
+        "MICRO_EVENTS_ADDRESS": f"{NATS_URL}?prefix={tag}",
+        "MICRO_BROKER_ADDRESS": f"{NATS_URL}?prefix={tag}",
+        "MICRO_REGISTRY_ADDRESS": f"{NATS_URL}?prefix={tag}",
+    }
+
+
+def drop_platform(tag: str) -> None:
+    """Drop the PostgreSQL schema ``tag`` and the JetStream streams and KV buckets of prefix ``tag``."""
+    import asyncio
+
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, connect_timeout=3, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{tag}" CASCADE')
+
+    async def streams() -> None:
+        import nats
+
+        nc = await nats.connect(NATS_URL, connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False)
+        try:
+            js = nc.jetstream()
+            ours = (f"{tag.upper()}_EVENTS_", f"KV_{tag.lower()}_")
+            names: list[str] = []
+            while page := await js.streams_info(offset=len(names)):  # a page holds at most 256
+                names.extend(info.config.name or "" for info in page)
+            for name in names:
+                if name.startswith(ours):
+                    await js.delete_stream(name)
+        finally:
+            await nc.close()
+
+    asyncio.run(streams())
+
+
+def processes_of(home: Path) -> list[int]:
+    """The live processes whose environment has ``MICRO_HOME=home``: a daemon and the services it runs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"MICRO_HOME={home}".encode() in environ:
             found.append(int(entry.name))
     return [pid for pid in found if alive(pid)]
