@@ -42,6 +42,19 @@ STOP_TIMEOUT = 10.0
 CRASH_WINDOW = 60.0
 MAX_CRASHES = 5
 Status = runtime_pb2.Status
+_DAEMON_ONLY = frozenset(
+    {
+        "MICRO_STORE_ADDRESS",
+        "MICRO_EVENTS_ADDRESS",
+        "MICRO_BROKER_ADDRESS",
+        "MICRO_REGISTRY_ADDRESS",
+        "MICRO_CONFIG_SECRET_KEY",
+        "MICRO_AUTH_PRIVATE_KEY",
+        "MICRO_SERVER_ADDRESS",
+        "MICRO_API_ADDRESS",
+        "MICRO_PROFILE",
+    }
+)
 _PAST = {"start": "started", "reload": "reloaded", "update": "updated"}
 
 
@@ -229,7 +242,9 @@ class Deployment:
                     await self.registry.deregister(self.spec.namespace, gone)
 
     def _instance(self, build: Build) -> Instance:
-        env = dict(os.environ)
+        # A service gets the daemon's environment, less the daemon's own secrets and engine
+        # addresses (they can carry passwords): it reaches every block through MICRO_PROXY.
+        env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY}
         env.update(
             PYTHONPATH=os.pathsep.join([str(self.folder), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             PYTHONUNBUFFERED="1",
