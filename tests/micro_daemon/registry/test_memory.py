@@ -8,32 +8,12 @@ import pytest
 
 from micro.errors import BadRequest, NotFound, TooManyRequests
 from micro.proto import registry_pb2
+from micro.testing.registry import node_ids, svc
 from micro_daemon.registry.backend import RegistryBackend, Watcher
 from micro_daemon.registry.memory import MemoryRegistry
 
 TTL = 60.0
 SHORT = 0.05
-
-
-def svc(
-    name: str = "helloworld",
-    version: str = "latest",
-    *nodes: str,
-    metadata: dict[str, str] | None = None,
-) -> registry_pb2.Service:
-    """A service whose nodes are ``<id>`` listening on ``<id>:8080``."""
-    return registry_pb2.Service(
-        name=name,
-        version=version,
-        metadata=metadata or {},
-        endpoints=[registry_pb2.Endpoint(name="Helloworld.Call")],
-        nodes=[registry_pb2.Node(id=node, address=f"{node}:8080") for node in nodes],
-        schema=b"schema",
-    )
-
-
-def node_ids(service: registry_pb2.Service) -> list[str]:
-    return [node.id for node in service.nodes]
 
 
 @pytest.fixture
