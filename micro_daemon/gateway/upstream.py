@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from micro._binding import Method
 from micro._dispatch import Counters
-from micro._grpc_errors import ERROR_METADATA_KEY, error_from_rpc
+from micro._grpc_errors import error_from_rpc
 from micro.codec import decode_proto
 from micro.context import Context
 from micro.errors import (
@@ -36,6 +36,7 @@ from micro.errors import (
 )
 from micro_daemon.proxy.channels import ChannelPool
 from micro_daemon.proxy.directory import Target
+from micro_daemon.proxy.forward import RequestPump, has_error_trailer, unreachable
 
 __all__ = ["ERROR_ID", "CallInfo", "Local", "Remote", "Upstream", "unexpected"]
 
@@ -184,7 +185,7 @@ class Remote(Upstream):
             try:
                 response: bytes = await rpc(request, metadata=call.metadata, timeout=call.timeout)
             except grpc.aio.AioRpcError as exc:
-                if not _unreachable(exc):
+                if not unreachable(exc):
                     raise self._error(exc) from exc
                 self.pool.mark_dead(address)
                 failed, last = address, exc
@@ -211,7 +212,7 @@ class Remote(Upstream):
         rpc = await self._open(
             lambda channel: channel.stream_unary(self.path)(metadata=call.metadata, timeout=call.timeout)
         )
-        pump = _Pump(requests, rpc)
+        pump = RequestPump(requests, rpc)
         try:
             response: bytes = await rpc
         except grpc.aio.AioRpcError as exc:
@@ -229,9 +230,9 @@ class Remote(Upstream):
         rpc = await self._open(
             lambda channel: channel.stream_stream(self.path)(metadata=call.metadata, timeout=None)
         )
-        return self._responses(rpc, _Pump(requests, rpc))
+        return self._responses(rpc, RequestPump(requests, rpc))
 
-    async def _responses(self, rpc: Any, pump: _Pump | None) -> AsyncGenerator[bytes, None]:
+    async def _responses(self, rpc: Any, pump: RequestPump | None) -> AsyncGenerator[bytes, None]:
         try:
             async for response in rpc:
                 yield response
@@ -261,7 +262,7 @@ class Remote(Upstream):
                 await rpc.wait_for_connection()  # no request is consumed before this succeeds
             except grpc.aio.AioRpcError as exc:
                 rpc.cancel()
-                if not _unreachable(exc):
+                if not unreachable(exc):
                     raise self._error(exc) from exc
                 self.pool.mark_dead(address)
                 failed, last = address, exc
@@ -271,7 +272,7 @@ class Remote(Upstream):
 
     def _error(self, exc: grpc.aio.AioRpcError) -> MicroError:
         name = self.target.name
-        if _has_error_trailer(exc):
+        if has_error_trailer(exc):
             return error_from_rpc(exc, service=name)
         code = exc.code()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -285,41 +286,3 @@ class Remote(Upstream):
     def _unavailable(self, last: grpc.aio.AioRpcError | None) -> ServiceUnavailable:
         reason = f": {last.details()}" if last is not None else ": it has no nodes"
         return ServiceUnavailable(f"service {self.target.name!r} is unavailable{reason}", id=ERROR_ID)
-
-
-class _Pump:
-    """Copies the caller's requests into an upstream call, in its own task."""
-
-    def __init__(self, requests: AsyncIterator[bytes], rpc: Any) -> None:
-        self.error: MicroError | None = None
-        self._task = asyncio.create_task(self._run(requests, rpc))
-
-    async def _run(self, requests: AsyncIterator[bytes], rpc: Any) -> None:
-        try:
-            async for request in requests:
-                await rpc.write(request)
-            await rpc.done_writing()
-        except MicroError as error:
-            self.error = error
-            rpc.cancel()  # the reading side sees a cancelled call and raises this error instead
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the upstream call ended; its status says why
-
-    def raise_error(self) -> None:
-        """Raise the pump's error if it cancelled the call (and not the task being cancelled)."""
-        task = asyncio.current_task()
-        if self.error is not None and (task is None or not task.cancelling()):
-            raise self.error
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _unreachable(exc: grpc.aio.AioRpcError) -> bool:
-    """The node could not be reached (no service answered): another node may serve the call."""
-    return bool(exc.code() == grpc.StatusCode.UNAVAILABLE and not _has_error_trailer(exc))
-
-
-def _has_error_trailer(exc: grpc.aio.AioRpcError) -> bool:
-    return any(key == ERROR_METADATA_KEY for key, _ in exc.trailing_metadata() or ())

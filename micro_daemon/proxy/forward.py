@@ -25,7 +25,7 @@ from micro.errors import BadRequest, MicroError, ServiceUnavailable
 from micro_daemon.proxy.channels import ChannelPool
 from micro_daemon.proxy.directory import ERROR_ID, Target
 
-__all__ = ["Forward", "Transcoder", "abort"]
+__all__ = ["Forward", "RequestPump", "Transcoder", "abort", "has_error_trailer", "unreachable"]
 
 ATTEMPTS = 2  # the first node, then one other
 _HOP_BY_HOP = frozenset({"user-agent", "te", "host", "connection", "content-type", CODEC_KEY})
@@ -173,13 +173,13 @@ class Forward:
 
     async def _client_stream(self, requests: AsyncIterator[bytes], context: ServicerContext) -> bytes:
         call = await self._open(lambda channel: channel.stream_unary(self.path), context)
-        pump = _Pump(requests, call, self.transcoder)
+        pump = RequestPump(requests, call, self.transcoder)
         try:
             response: bytes = await call
         except grpc.aio.AioRpcError as exc:
             await relay(context, exc)
         except asyncio.CancelledError:
-            await pump.raise_error()
+            pump.raise_error()
             raise
         finally:
             await pump.stop()
@@ -188,14 +188,14 @@ class Forward:
 
     async def _bidi(self, requests: AsyncIterator[bytes], context: ServicerContext) -> AsyncIterator[bytes]:
         call = await self._open(lambda channel: channel.stream_stream(self.path), context)
-        pump = _Pump(requests, call, self.transcoder)
+        pump = RequestPump(requests, call, self.transcoder)
         try:
             async for response in call:
                 yield response if self.transcoder is None else self.transcoder.response(response)
         except grpc.aio.AioRpcError as exc:
             await relay(context, exc)
         except asyncio.CancelledError:
-            await pump.raise_error()
+            pump.raise_error()
             raise
         finally:
             await pump.stop()
@@ -225,7 +225,7 @@ class Forward:
     @staticmethod
     async def _unless_unreachable(context: ServicerContext, exc: grpc.aio.AioRpcError) -> None:
         """Relay ``exc`` to the caller unless it says the node could not be reached."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE or _has_error_trailer(exc):
+        if not unreachable(exc):
             await relay(context, exc)
 
     def _unavailable(self, last: grpc.aio.AioRpcError | None) -> ServiceUnavailable:
@@ -233,10 +233,12 @@ class Forward:
         return ServiceUnavailable(f"service {self.target.name!r} is unavailable{reason}", id=ERROR_ID)
 
 
-class _Pump:
-    """Copies the caller's request stream into an upstream call, in its own task."""
+class RequestPump:
+    """Copies the caller's request stream into an upstream call, in its own task (proxy and gateway)."""
 
-    def __init__(self, requests: AsyncIterator[bytes], call: Any, transcoder: Transcoder | None) -> None:
+    def __init__(
+        self, requests: AsyncIterator[bytes], call: Any, transcoder: Transcoder | None = None
+    ) -> None:
         self.error: MicroError | None = None
         self._task = asyncio.create_task(self._run(requests, call, transcoder))
 
@@ -251,7 +253,7 @@ class _Pump:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the upstream call ended; its status tells the caller why
 
-    async def raise_error(self) -> None:
+    def raise_error(self) -> None:
         """Raise the pump's error if it cancelled the call (and not the task being cancelled)."""
         task = asyncio.current_task()
         if self.error is not None and (task is None or not task.cancelling()):
@@ -290,5 +292,10 @@ async def _single(requests: AsyncIterator[bytes], context: ServicerContext) -> b
     await abort(context, BadRequest("the call sent no request message", id=ERROR_ID))
 
 
-def _has_error_trailer(exc: grpc.aio.AioRpcError) -> bool:
+def unreachable(exc: grpc.aio.AioRpcError) -> bool:
+    """The node could not be reached (no service answered): another node may serve the call."""
+    return bool(exc.code() == grpc.StatusCode.UNAVAILABLE and not has_error_trailer(exc))
+
+
+def has_error_trailer(exc: grpc.aio.AioRpcError) -> bool:
     return any(key == ERROR_METADATA_KEY for key, _ in exc.trailing_metadata() or ())
