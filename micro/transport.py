@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from micro._grpc_errors import map_grpc_exceptions
 
@@ -102,13 +102,28 @@ class GrpcTransport(Transport):
     async def bidi_stream(
         self, path: str, requests: AsyncIterable[bytes], *, metadata: Metadata, timeout: float | None
     ) -> AsyncIterator[bytes]:
-        call = self._open().stream_stream(path)(_aiter(requests), metadata=tuple(metadata), timeout=timeout)
+        import asyncio
+
+        call = self._open().stream_stream(path)(metadata=tuple(metadata), timeout=timeout)
+        writer = asyncio.create_task(_write_all(call, requests))
         try:
             with map_grpc_exceptions(address=self.address):
                 async for response in call:
                     yield response
+        except (Exception, asyncio.CancelledError):
+            # A request that failed to come (say, a malformed line) cancelled the call: raise
+            # that reason, not the cancellation it caused.
+            failed = writer.result() if writer.done() and not writer.cancelled() else None
+            if failed is not None:
+                raise failed from None
+            raise
         finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
             call.cancel()
+        failed = writer.result() if writer.done() and not writer.cancelled() else None
+        if failed is not None:
+            raise failed
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -134,7 +149,17 @@ class MockTransport(Transport):
         yield await self.handler(path, request, metadata)
 
 
-async def _aiter(items: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    # grpc.aio wants an async iterator, not merely an iterable
-    async for item in items:
-        yield item
+async def _write_all(call: Any, requests: AsyncIterable[bytes]) -> Exception | None:
+    """Write ``requests`` into ``call``; if producing one fails, cancel the call and return why."""
+    import grpc.aio
+
+    try:
+        async for request in requests:
+            await call.write(request)
+        await call.done_writing()
+    except (grpc.RpcError, grpc.aio.UsageError):
+        return None  # the call ended first; its status says why
+    except Exception as exc:
+        call.cancel()
+        return exc
+    return None

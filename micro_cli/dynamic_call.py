@@ -14,7 +14,7 @@ import json
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from micro_cli.flags import json_object, validate
 
@@ -50,76 +50,11 @@ async def call_endpoint(
             print_message(response)
     elif shape in ("client", "bidi"):
         requests = _single(one) if one is not None else _stdin_requests(message, sys.stdin, flags)
-        await _streamed(client, service, endpoint, shape, requests)
+        # One call shape on the wire serves both: a client stream simply answers once.
+        async for response in client.bidi_json(service, endpoint, requests):
+            print_message(response)
     else:
         print_message(await client.call_json(service, endpoint, one or b"{}"))
-
-
-async def _streamed(
-    client: Client, service: str, endpoint: str, shape: str, requests: AsyncIterator[bytes]
-) -> None:
-    from micro._grpc_errors import map_grpc_exceptions
-
-    call, address = _open(client, service, endpoint, shape)
-    feeder = _Feeder(call, requests)
-    try:
-        with map_grpc_exceptions(address=address):
-            if shape == "client":
-                print_message(await call)
-            else:
-                async for response in call:
-                    print_message(response)
-    except asyncio.CancelledError:
-        feeder.raise_error()
-        raise
-    finally:
-        await feeder.stop()
-    feeder.raise_error()
-
-
-def _open(client: Client, service: str, endpoint: str, shape: str) -> tuple[Any, str]:
-    # micro.client has no JSON method for request streams yet: open the call on its channel.
-    from micro._metadata import json_path
-    from micro.transport import GrpcTransport
-
-    transport = client.transport
-    if not isinstance(transport, GrpcTransport):
-        raise TypeError(f"request streams need a GrpcTransport, not {type(transport).__name__}")
-    channel = transport._open()
-    factory = channel.stream_unary if shape == "client" else channel.stream_stream
-    metadata = tuple(client._metadata(service, json=True))
-    return factory(json_path(endpoint))(metadata=metadata, timeout=None), transport.address
-
-
-class _Feeder:
-    """Writes the requests into a call in its own task; a bad request cancels the call."""
-
-    def __init__(self, call: Any, requests: AsyncIterator[bytes]) -> None:
-        self.error: Exception | None = None
-        self._task = asyncio.create_task(self._run(call, requests))
-
-    async def _run(self, call: Any, requests: AsyncIterator[bytes]) -> None:
-        import grpc.aio
-
-        from micro_cli.errors import HandledError
-
-        try:
-            async for request in requests:
-                await call.write(request)
-            await call.done_writing()
-        except HandledError as exc:
-            self.error = exc
-            call.cancel()  # the reading side sees a cancelled call and raises this error instead
-        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            pass  # the call ended (its status says why) before every request was written
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def _single(request: bytes) -> AsyncIterator[bytes]:
