@@ -82,7 +82,7 @@ class Runtime:
         if key in self._deployments:
             replaced = await self._remove(spec.namespace, spec.name)
             if replaced.spec.folder != spec.folder:
-                self.sources.discard(Path(replaced.spec.folder))
+                await asyncio.to_thread(self.sources.discard, Path(replaced.spec.folder))
         await self._save(spec)
         return self._launch(spec)
 
@@ -111,12 +111,12 @@ class Runtime:
         if not await deployment.update():
             raise BadRequest(deployment.metadata.get("error", "the update failed"), id="runtime")
         if deployment.spec.folder != previous:  # the old instances, which ran from it, are gone
-            self.sources.discard(Path(previous))
+            await asyncio.to_thread(self.sources.discard, Path(previous))
         return deployment
 
     async def delete(self, namespace: str, name: str) -> None:
         deployment = await self._remove(namespace, name)
-        self.sources.discard(Path(deployment.spec.folder))
+        await asyncio.to_thread(self.sources.discard, Path(deployment.spec.folder))
 
     async def _remove(self, namespace: str, name: str) -> Deployment:
         deployment = self.read(namespace, name)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from micro.context import Context
@@ -101,7 +102,9 @@ class RuntimeHandler:
             if size > MAX_UPLOAD_BYTES:
                 raise PayloadTooLarge(f"the upload is over {MAX_UPLOAD_BYTES} bytes", id="runtime")
             chunks.append(chunk.data)
-        return runtime_pb2.UploadResponse(id=self.runtime.sources.store_upload(b"".join(chunks)))
+        # Unpacking up to 256 MiB is file work: keep it off the event loop.
+        upload = await asyncio.to_thread(self.runtime.sources.store_upload, b"".join(chunks))
+        return runtime_pb2.UploadResponse(id=upload)
 
 
 def _record(line: Line) -> runtime_pb2.LogRecord:

@@ -97,7 +97,7 @@ class Sources:
             shutil.rmtree(fresh, ignore_errors=True)
             raise
         # Only a good clone replaces the one that the running instances came from.
-        shutil.rmtree(target, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
         fresh.rename(target)
         folder = target / subfolder if subfolder else target
         if not folder.is_dir():
