@@ -5,27 +5,36 @@ JSON callers (the CLI, the gateway) send metadata ``micro-codec: json`` and
 ``micro-service: <name>`` to the path ``/<Handler>/<Method>``; their bodies are
 transcoded with the method's descriptors. Handlers raise ``micro.errors``;
 anything else is logged and answered as a 500 without its traceback.
+
+Two optional hooks let a server put identity on the ``Context``:
+``authenticate`` turns the call's metadata into the caller's account (an
+invalid token is an anonymous caller whose ``auth_error`` says why), and
+``admit`` may refuse the call before its handler runs. Both run on every
+call, so both must be cheap (cache what they verify).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
 
 from micro._binding import Method
 from micro._grpc_errors import grpc_status_for, trailing_metadata_for
-from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY
+from micro._metadata import CODEC_KEY, NAMESPACE_KEY, REMOTE_ADDRESS_KEY, SERVICE_KEY
 from micro.codec import decode_json, decode_proto, encode_json
 from micro.context import DEFAULT_NAMESPACE, Context, _current, validate_namespace
 from micro.errors import InternalServerError, MicroError
 
-__all__ = ["Counters", "Dispatcher"]
+if TYPE_CHECKING:
+    from micro.auth import Account
+
+__all__ = ["Admit", "Authenticate", "Counters", "Dispatcher"]
 
 log = logging.getLogger("micro.server")
 
@@ -39,14 +48,22 @@ class Counters:
 Decoder = Callable[[bytes], Message]
 Encoder = Callable[[Message], bytes]
 
+Authenticate = Callable[[Mapping[str, str]], Awaitable[tuple["Account | None", MicroError | None]]]
+"""``metadata -> (account, why a token was refused)``; ``(None, None)`` for no token."""
+
+Admit = Callable[[Context], None]
+"""Raises ``Unauthorized``/``Forbidden`` to refuse a call; the context carries the caller's account."""
+
 
 class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     """Routes calls to bound methods by gRPC path, or by service and endpoint for JSON callers."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, authenticate: Authenticate | None = None, admit: Admit | None = None) -> None:
         self._by_path: dict[str, tuple[str, Method]] = {}
         self._by_endpoint: dict[tuple[str, str], Method] = {}
         self.counters = Counters()
+        self.authenticate = authenticate
+        self.admit = admit
 
     def add(self, service: str, methods: list[Method]) -> None:
         """Serve ``methods`` as part of ``service``."""
@@ -102,6 +119,7 @@ class _Call:
         self, dispatcher: Dispatcher, service: str, method: Method, decode: Decoder, encode: Encoder
     ) -> None:
         self.counters = dispatcher.counters
+        self.dispatcher = dispatcher
         self.service = service
         self.method = method
         self.decode = decode
@@ -149,8 +167,13 @@ class _serving:
 
     async def __aenter__(self) -> Context:
         self.call.counters.requests += 1
+        dispatcher = self.call.dispatcher
         try:
             context = self._context()
+            if dispatcher.authenticate is not None:
+                context.account, context.auth_error = await dispatcher.authenticate(context.metadata)
+            if dispatcher.admit is not None:
+                dispatcher.admit(context)
         except MicroError as error:
             await self._abort(error)
             raise
@@ -167,6 +190,7 @@ class _serving:
 
     def _context(self) -> Context:
         metadata = {k: v for k, v in self.grpc_context.invocation_metadata() or () if isinstance(v, str)}
+        metadata[REMOTE_ADDRESS_KEY] = peer_host(self.grpc_context.peer() or "")
         remaining = self.grpc_context.time_remaining()
         return Context(
             namespace=validate_namespace(metadata.get(NAMESPACE_KEY) or DEFAULT_NAMESPACE),
@@ -180,6 +204,14 @@ class _serving:
         self.call.counters.errors += 1
         if not error.id:
             error.id = self.call.service
+        if error.code in (401, 403):  # refused access is worth an operator's eye; the token is not logged
+            log.warning(
+                "refused %s %s from %s: %s",
+                self.call.service,
+                self.call.method.endpoint,
+                peer_host(self.grpc_context.peer() or ""),
+                error.detail,
+            )
         await self.grpc_context.abort(
             grpc_status_for(error), error.detail, trailing_metadata=trailing_metadata_for(error)
         )
@@ -187,6 +219,17 @@ class _serving:
     def _unexpected(self, exc: Exception) -> MicroError:
         log.exception("unexpected error in %s %s", self.call.service, self.call.method.endpoint)
         return InternalServerError(f"{self.call.method.endpoint} failed: {type(exc).__name__}: {exc}")
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer: ``ipv4:127.0.0.1:5000`` -> ``127.0.0.1``, ``ipv6:[::1]:5000`` -> ``::1``."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0] or rest
+        return host.strip("[]")
+    return peer
 
 
 def _is_abort(exc: BaseException) -> bool:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-__all__ = ["CODEC_KEY", "NAMESPACE_KEY", "SERVICE_KEY", "json_path"]
+__all__ = [
+    "AUTHORIZATION_KEY",
+    "CODEC_KEY",
+    "NAMESPACE_KEY",
+    "REMOTE_ADDRESS_KEY",
+    "SERVICE_KEY",
+    "json_path",
+]
 
 CODEC_KEY = "micro-codec"
 SERVICE_KEY = "micro-service"
 NAMESPACE_KEY = "micro-namespace"
+AUTHORIZATION_KEY = "authorization"
+# Set by the server from the peer it sees; whatever a caller sends under it is overwritten.
+REMOTE_ADDRESS_KEY = "micro-remote-address"
 
 
 def json_path(endpoint: str) -> str:

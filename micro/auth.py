@@ -22,7 +22,7 @@ import builtins
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,6 +45,7 @@ __all__ = [
     "TokenVerifier",
     "bearer_token",
     "load_public_key",
+    "offline_authenticator",
     "parse_resource",
     "pem_bytes",
 ]
@@ -244,6 +245,33 @@ def bearer_token(metadata: Mapping[str, str]) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def offline_authenticator(
+    public_key: str | None,
+) -> Callable[[Mapping[str, str]], Awaitable[tuple[Account | None, MicroError | None]]] | None:
+    """A ``Dispatcher`` hook that puts the caller's account on the context, verified with ``public_key``.
+
+    ``None`` without a key (the service then sees no accounts). The verifier
+    (and ``jwt``) is loaded on the first call that carries a token.
+    """
+    if not public_key:
+        return None
+    verifier: TokenVerifier | None = None
+
+    async def authenticate(metadata: Mapping[str, str]) -> tuple[Account | None, MicroError | None]:
+        nonlocal verifier
+        token = bearer_token(metadata)
+        if token is None:
+            return None, None
+        if verifier is None:
+            verifier = TokenVerifier(public_key)
+        try:
+            return verifier.verify(token), None
+        except Unauthorized as error:
+            return None, error
+
+    return authenticate
 
 
 _SERVICE = "auth"

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
-from typing import TypeVar
+from typing import Final, Literal, TypeVar
 
 from google.protobuf.message import Message
 
-from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY, json_path
+from micro._metadata import AUTHORIZATION_KEY, CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY, json_path
 from micro.codec import decode_proto
 from micro.context import DEFAULT_NAMESPACE, current_context, validate_namespace
+from micro.credentials import Credentials, from_environment
 from micro.errors import BadRequest
 from micro.transport import Metadata, Transport
 
-__all__ = ["Client"]
+__all__ = ["AUTO", "Client"]
 
 M = TypeVar("M", bound=Message)
 
 DEFAULT_TIMEOUT = 30.0
+AUTO: Final = "auto"
+"""``credentials=AUTO``: find them in the environment (``micro.credentials.from_environment``)."""
 
 
 class Client:
@@ -25,7 +28,8 @@ class Client:
 
     ``call``/``stream`` take and return generated message types and use the
     method's own gRPC path; ``call_json``/``stream_json`` name the endpoint as
-    ``Handler.Method`` and let the server transcode JSON.
+    ``Handler.Method`` and let the server transcode JSON. Every call carries
+    the access token of ``credentials`` (``None``: anonymous calls).
     """
 
     def __init__(
@@ -35,16 +39,25 @@ class Client:
         namespace: str = DEFAULT_NAMESPACE,
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Mapping[str, str] | None = None,
+        credentials: Credentials | Literal["auto"] | None = AUTO,
     ) -> None:
         self.transport = transport
         self.namespace = validate_namespace(namespace)
         self.timeout = timeout
         self.metadata = dict(metadata or {})
+        self._credentials = credentials
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """What the calls are authenticated with (found on first use when ``AUTO``)."""
+        if self._credentials == AUTO:
+            self._credentials = from_environment(getattr(self.transport, "address", None))
+        return self._credentials
 
     async def call(self, service: str, path: str, request: Message, response_type: type[M]) -> M:
         """Call the unary RPC at gRPC ``path`` (``/pkg.Service/Method``) of ``service``."""
         data = await self.transport.unary(
-            path, request.SerializeToString(), metadata=self._metadata(service), timeout=self._timeout()
+            path, request.SerializeToString(), metadata=await self._metadata(service), timeout=self._timeout()
         )
         return decode_proto(data, response_type)
 
@@ -53,7 +66,7 @@ class Client:
     ) -> AsyncIterator[M]:
         """Call the server-streaming RPC at ``path`` and yield each response."""
         responses = self.transport.server_stream(
-            path, request.SerializeToString(), metadata=self._metadata(service), timeout=None
+            path, request.SerializeToString(), metadata=await self._metadata(service), timeout=None
         )
         async for data in responses:
             yield decode_proto(data, response_type)
@@ -65,7 +78,7 @@ class Client:
         data = await self.transport.client_stream(
             path,
             [r.SerializeToString() for r in requests],
-            metadata=self._metadata(service),
+            metadata=await self._metadata(service),
             timeout=self._timeout(),
         )
         return decode_proto(data, response_type)
@@ -75,7 +88,9 @@ class Client:
     ) -> AsyncIterator[M]:
         """Call the bidirectional RPC at ``path``: send ``requests`` as they come, yield each response."""
         encoded = (r.SerializeToString() async for r in requests)
-        responses = self.transport.bidi_stream(path, encoded, metadata=self._metadata(service), timeout=None)
+        responses = self.transport.bidi_stream(
+            path, encoded, metadata=await self._metadata(service), timeout=None
+        )
         async for data in responses:
             yield decode_proto(data, response_type)
 
@@ -84,7 +99,7 @@ class Client:
     ) -> AsyncIterator[bytes]:
         """Call a bidirectional or client-streaming ``Handler.Method`` with JSON bodies; yield the answers."""
         responses = self.transport.bidi_stream(
-            _endpoint_path(endpoint), bodies, metadata=self._metadata(service, json=True), timeout=None
+            _endpoint_path(endpoint), bodies, metadata=await self._metadata(service, json=True), timeout=None
         )
         async for data in responses:
             yield data
@@ -94,14 +109,14 @@ class Client:
         return await self.transport.unary(
             _endpoint_path(endpoint),
             body,
-            metadata=self._metadata(service, json=True),
+            metadata=await self._metadata(service, json=True),
             timeout=self._timeout(),
         )
 
     async def stream_json(self, service: str, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
         """Call a server-streaming ``Handler.Method`` with a JSON body; yield each JSON response."""
         responses = self.transport.server_stream(
-            _endpoint_path(endpoint), body, metadata=self._metadata(service, json=True), timeout=None
+            _endpoint_path(endpoint), body, metadata=await self._metadata(service, json=True), timeout=None
         )
         async for data in responses:
             yield data
@@ -117,10 +132,15 @@ class Client:
             return self.timeout
         return remaining if self.timeout is None else min(remaining, self.timeout)
 
-    def _metadata(self, service: str, *, json: bool = False) -> Metadata:
+    async def _metadata(self, service: str, *, json: bool = False) -> Metadata:
         metadata = [*self.metadata.items(), (SERVICE_KEY, service), (NAMESPACE_KEY, self.namespace)]
         if json:
             metadata.append((CODEC_KEY, "json"))
+        credentials = self.credentials
+        if credentials is not None and AUTHORIZATION_KEY not in self.metadata:
+            token = await credentials.token(self.transport)
+            if token:
+                metadata.append((AUTHORIZATION_KEY, f"Bearer {token}"))
         return metadata
 
 

@@ -7,8 +7,12 @@ import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from micro.errors import BadRequest
+from micro.errors import BadRequest, MicroError
+
+if TYPE_CHECKING:
+    from micro.auth import Account
 
 __all__ = ["DEFAULT_NAMESPACE", "Context", "current_context", "validate_namespace"]
 
@@ -37,6 +41,9 @@ class Context:
     ``namespace`` is the caller's namespace (metadata ``micro-namespace``,
     default ``micro``); ``metadata`` holds every request header, lower-cased;
     ``deadline`` is an absolute ``time.monotonic()`` value or ``None``.
+    ``account`` is the caller's, from a verified ``authorization: Bearer``
+    token (``None`` for an anonymous caller, or where the server verifies no
+    tokens); ``auth_error`` says why a token that was sent was refused.
     """
 
     namespace: str = DEFAULT_NAMESPACE
@@ -44,6 +51,8 @@ class Context:
     service: str = ""
     endpoint: str = ""
     deadline: float | None = None
+    account: Account | None = None
+    auth_error: MicroError | None = None
 
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or ``None`` if it set none."""

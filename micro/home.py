@@ -69,6 +69,11 @@ class Home:
         return self.state_dir / "start.lock"
 
     @property
+    def owner_token(self) -> Path:
+        """The local owner's access token, which the daemon writes (0600) and the CLI sends."""
+        return self.config_dir / "auth" / "owner.json"
+
+    @property
     def server_log(self) -> Path:
         return self.log_dir / "server.log"
 

@@ -52,6 +52,7 @@ from micro._binding import Method, bind
 from micro._debug import DebugHandler
 from micro._dispatch import Dispatcher
 from micro._subscribers import Consumption, Handler, Subscription
+from micro.auth import PUBLIC_KEY_ENV, offline_authenticator
 from micro.client import Client
 from micro.context import DEFAULT_NAMESPACE, validate_namespace
 from micro.errors import ConnectError, MicroError, SetupError
@@ -105,8 +106,12 @@ class Service:
         self.metadata = dict(metadata or {})
         self.address = address or env.get("MICRO_SERVICE_ADDRESS") or "127.0.0.1:0"
         self.register_ttl = float(env.get("MICRO_REGISTER_TTL") or REGISTER_TTL)
-        self.register_interval = float(env.get("MICRO_REGISTER_INTERVAL") or REGISTER_INTERVAL)
-        self.dispatcher = Dispatcher()
+        self.register_interval = float(
+            env.get("MICRO_REGISTER_INTERVAL") or min(REGISTER_INTERVAL, self.register_ttl / 3)
+        )
+        # With the daemon's public key (the runtime passes it), each call's token is verified here,
+        # offline, and its account is on the handler's Context.
+        self.dispatcher = Dispatcher(authenticate=offline_authenticator(env.get(PUBLIC_KEY_ENV)))
         self._handlers: list[tuple[ServiceDescriptor, list[Method]]] = []
         self._entrypoints: list[Subscription | Consumption] = []
         self._server: grpc.aio.Server | None = None

@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from importlib import resources
 from typing import IO, TYPE_CHECKING, Any
 
@@ -24,10 +25,27 @@ from micro import __version__
 from micro._binding import Method, bind
 from micro._debug import DebugHandler
 from micro._dispatch import Dispatcher
-from micro.errors import SetupError
+from micro.auth import Account
+from micro.context import Context
+from micro.errors import MicroError, SetupError
 from micro.home import DaemonState, Home
-from micro.proto import broker_pb2, config_pb2, debug_pb2, events_pb2, registry_pb2, runtime_pb2, store_pb2
+from micro.proto import (
+    auth_pb2,
+    broker_pb2,
+    config_pb2,
+    debug_pb2,
+    events_pb2,
+    registry_pb2,
+    runtime_pb2,
+    store_pb2,
+)
 from micro.schema import endpoints
+from micro_daemon.auth.engine import AuthEngine
+from micro_daemon.auth.gate import Gate
+from micro_daemon.auth.keys import KeyPair
+from micro_daemon.auth.owner import RENEW_INTERVAL, OwnerCredential
+from micro_daemon.auth.service import AccountsHandler, AuthHandler, RulesHandler
+from micro_daemon.auth.service_accounts import ServiceAccounts
 from micro_daemon.broker.backend import BrokerBackend
 from micro_daemon.broker.service import BrokerHandler
 from micro_daemon.config.engine import ConfigEngine
@@ -77,7 +95,9 @@ class Daemon:
         self._runtime: Runtime | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._blocks: list[registry_pb2.Service] = []
-        self.dispatcher = Dispatcher()
+        self.gate = Gate(None)
+        self.dispatcher = Dispatcher(authenticate=self._authenticate, admit=self._admit)
+        self._owner: OwnerCredential | None = None
         self._started = 0.0
 
     async def start(self) -> None:
@@ -92,6 +112,8 @@ class Daemon:
             await self._serve()
             assert self._proxy is not None and self._runtime is not None
             await self._runtime.restore()
+            if self._owner is not None:
+                await self._owner.publish()  # before the state file: a CLI that sees it can sign in
             self._publish_state()  # the gRPC address answers: a waiting CLI may go on
             log.info(
                 "micro server %s listening on %s (MICRO_HOME %s)",
@@ -99,7 +121,9 @@ class Daemon:
                 self.address,
                 self.home.data_dir,
             )
-            self._gateway = (await gateway).Gateway(self._proxy, self.dispatcher, registry=self._registry)
+            self._gateway = (await gateway).Gateway(
+                self._proxy, self.dispatcher, registry=self._registry, gate=self.gate
+            )
             self.api_address = await self._gateway.start(self.settings.api_address)
         except BaseException:
             await self.stop()
@@ -107,6 +131,8 @@ class Daemon:
         self._publish_state()
         log.info("API gateway on %s", self.api_address)
         log.info("profile %s: %s", self.settings.profile, self.engines())
+        if not self.gate.enabled:
+            log.warning("auth is disabled (--auth none): every caller acts as an administrator")
         if self.settings.profile == "platform" and not os.environ.get(KEY_ENV):
             log.warning(
                 "%s is not set: config secrets set through this daemon can be read only through it; "
@@ -165,6 +191,8 @@ class Daemon:
         if self._store is not None:
             await self._store.close()
         if self._lock_file is not None:
+            if self._owner is not None:
+                self._owner.withdraw()
             self.home.clear_state(os.getpid())
             self._lock_file.close()
             self._lock_file = None
@@ -187,16 +215,40 @@ class Daemon:
             ) from None
         self._lock_file = lock
 
+    async def _authenticate(self, metadata: Mapping[str, str]) -> tuple[Account | None, MicroError | None]:
+        return await self.gate.authenticate(metadata)
+
+    def _admit(self, context: Context) -> None:
+        self.gate.admit_block(context)
+
+    async def _open_auth(self, store: StoreBackend) -> AuthEngine | None:
+        if self.settings.auth == "none":
+            return None
+        # Generating a key pair takes a moment: off the loop.
+        keys = await asyncio.to_thread(KeyPair.load_or_create, self.home.config_dir)
+        engine = AuthEngine(
+            store,
+            keys,
+            token_lifetime=int(self.settings.auth_token_lifetime),
+            disable_default_admin=self.settings.default_admin_disabled,
+        )
+        self._owner = OwnerCredential(engine, self.home.owner_token)
+        return engine
+
     async def _open_backends(self) -> None:
         settings, data = self.settings, self.home.data_dir
         self._store = await open_engine("store", settings.store_address, settings.profile, data)
         self._registry = await open_engine("registry", settings.registry_address, settings.profile, data)
+        auth = await self._open_auth(self._store)
+        self.gate = Gate(auth)
         self._runtime = Runtime(
             self.home,
             store=self._store,
             registry=self._registry,
             proxy_address=lambda: self.address,
             adopt_unscoped=settings.profile == "local",  # the store is this daemon's alone
+            accounts=ServiceAccounts(auth),
+            register_ttl=float(settings.registry_ttl),
         )
         secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
         self._broker = await open_engine("broker", settings.broker_address, settings.profile, data)
@@ -219,6 +271,12 @@ class Daemon:
                 (EventsStoreHandler(self._events), events_pb2.DESCRIPTOR.services_by_name["Store"]),
             ],
         }
+        if auth is not None:
+            blocks["auth"] = [
+                (AuthHandler(auth), auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
+                (AccountsHandler(auth), auth_pb2.DESCRIPTOR.services_by_name["Accounts"]),
+                (RulesHandler(auth), auth_pb2.DESCRIPTOR.services_by_name["Rules"]),
+            ]
         checks = {
             name: backend.health
             for name, backend in (
@@ -247,7 +305,7 @@ class Daemon:
             ]
         )
         assert self._registry is not None
-        self._proxy = Proxy(self._registry)
+        self._proxy = Proxy(self._registry, gate=self.gate)
         await self._proxy.start()
         server.add_generic_rpc_handlers((self.dispatcher, self._proxy))
         try:
@@ -265,6 +323,8 @@ class Daemon:
             asyncio.create_task(self._every(EXPIRE_INTERVAL, self._expire)),
             asyncio.create_task(self._every(float(self.settings.registry_ttl) / 3, self._register_blocks)),
         ]
+        if self._owner is not None:
+            self._tasks.append(asyncio.create_task(self._every(RENEW_INTERVAL, self._owner.publish)))
 
     async def _register_blocks(self) -> None:
         assert self._registry is not None

@@ -44,6 +44,15 @@ class Settings:
     registry_ttl: str = _setting(
         "MICRO_REGISTRY_TTL", "90", "seconds a node stays registered without a heartbeat"
     )
+    auth: str = _setting(
+        "MICRO_AUTH", "jwt", "auth: jwt (accounts, tokens and rules enforced) or none (everyone is admin)"
+    )
+    auth_disable_admin: str = _setting(
+        "MICRO_AUTH_DISABLE_ADMIN", "", "set to 1 to never create the default admin/micro account"
+    )
+    auth_token_lifetime: str = _setting(
+        "MICRO_AUTH_TOKEN_LIFETIME", "900", "seconds an access token lives unless the caller asks for less"
+    )
 
     @classmethod
     def load(cls, **overrides: str | None) -> Settings:
@@ -65,6 +74,17 @@ class Settings:
             float(self.registry_ttl)
         except ValueError:
             raise SetupError(f"MICRO_REGISTRY_TTL={self.registry_ttl!r} is not a number of seconds") from None
+        if self.auth not in ("jwt", "none"):
+            raise SetupError(f"unknown auth {self.auth!r}: use jwt or none", id="micro.server")
+        if not self.auth_token_lifetime.isdigit() or not 1 <= int(self.auth_token_lifetime) <= 86400:
+            raise SetupError(
+                f"MICRO_AUTH_TOKEN_LIFETIME={self.auth_token_lifetime!r} is not 1 to 86400 seconds",
+                id="micro.server",
+            )
+
+    @property
+    def default_admin_disabled(self) -> bool:
+        return self.auth_disable_admin.strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse_address(address: str, what: str = "address") -> tuple[str, int]:

@@ -49,12 +49,13 @@ if TYPE_CHECKING:
     from micro_daemon.auth.keys import KeyPair
     from micro_daemon.store.backend import StoreBackend
 
-__all__ = ["DEFAULT_ADMIN_ID", "DEFAULT_ADMIN_SECRET", "MAX_SECRET_BYTES", "AuthEngine"]
+__all__ = ["DEFAULT_ADMIN_ID", "DEFAULT_ADMIN_SECRET", "MAX_SECRET_BYTES", "OWNER_ID", "AuthEngine"]
 
 log = logging.getLogger("micro.auth")
 
 DEFAULT_ADMIN_ID = "admin"
 DEFAULT_ADMIN_SECRET = "micro"
+OWNER_ID = "owner"  # the local owner (micro_daemon.auth.owner): not a user who signs in
 MAX_SECRET_BYTES = 1024
 
 
@@ -257,7 +258,8 @@ class AuthEngine:
         async with self._admin_lock:
             if self._admin_checked:
                 return
-            if not any(a.type == "user" for a in await self.accounts.list(namespace)):
+            accounts = await self.accounts.list(namespace)
+            if not any(a.type == "user" and a.id != OWNER_ID for a in accounts):
                 await self._create_default_admin()
             self._admin_checked = True
 

@@ -175,7 +175,7 @@ class Router:
                 method.response_type,
                 client_streaming=method.client_streaming,
                 server_streaming=method.server_streaming,
-                upstream=Local(target.name, method, self._dispatcher.counters),
+                upstream=Local(target.name, method, self._dispatcher.counters, admit=self._dispatcher.admit),
             )
         descriptor = _method(target, endpoint)
         return Plan(

@@ -16,11 +16,12 @@ from google.protobuf.descriptor import Descriptor
 
 from micro import __version__
 from micro._dispatch import Dispatcher
-from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY
+from micro._metadata import CODEC_KEY, NAMESPACE_KEY, REMOTE_ADDRESS_KEY, SERVICE_KEY
 from micro.context import DEFAULT_NAMESPACE, validate_namespace
 from micro.errors import BadRequest, MicroError, NotFound, SetupError, error_for_code
 from micro.openapi import openapi_document
 from micro.proto import registry_pb2
+from micro_daemon.auth.gate import Gate
 from micro_daemon.gateway.payload import (
     MULTIPART,
     PROTO_TYPES,
@@ -37,7 +38,7 @@ from micro_daemon.gateway.payload import (
 )
 from micro_daemon.gateway.routing import Plan, Route, Router
 from micro_daemon.gateway.streams import server_sent_events, websocket
-from micro_daemon.gateway.upstream import ERROR_ID, CallInfo, Metadata, unexpected
+from micro_daemon.gateway.upstream import ERROR_ID, CallInfo, Local, Metadata, unexpected
 from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.settings import parse_address
@@ -60,6 +61,7 @@ CORS_HEADERS = {
 }
 _NOT_FORWARDED = frozenset(
     {
+        REMOTE_ADDRESS_KEY,  # the gateway sets it from the connection
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -111,8 +113,10 @@ class Gateway:
         timeout: float | None = DEFAULT_TIMEOUT,
         cors: bool = True,
         registry: RegistryBackend | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.router = Router(proxy, dispatcher)
+        self.gate = gate or Gate(None)
         self.registry = registry
         self.max_body = max_body
         self.timeout = timeout
@@ -193,7 +197,7 @@ class Gateway:
         route = await self.router.route(namespace, method, path)
         plan = route.plan
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            call = self._call(request, plan, namespace, streaming=True)
+            call = await self._call(request, plan, namespace, streaming=True)
             return await self._stream(websocket(request, plan, call, self.max_body))
         if plan.client_streaming:
             raise BadRequest(
@@ -202,11 +206,11 @@ class Gateway:
             )
         content_type = _content_type(request)
         proto = content_type in PROTO_TYPES
+        call = await self._call(request, plan, namespace, streaming=plan.server_streaming)
         wire = await self._request(request, route, content_type)
         if plan.server_streaming:
-            call = self._call(request, plan, namespace, streaming=True)
             return await self._stream(server_sent_events(request, plan, wire, call, self._cors(request)))
-        data = await plan.upstream.unary(wire, self._call(request, plan, namespace))
+        data = await plan.upstream.unary(wire, call)
         if proto:
             response = web.Response(body=data, content_type=content_type)
         else:
@@ -285,9 +289,21 @@ class Gateway:
             set_field(captured, field, value, descriptor)
         return _dict_to_wire(merge(fields, captured), plan)
 
-    def _call(self, request: web.Request, plan: Plan, namespace: str, *, streaming: bool = False) -> CallInfo:
-        metadata = self._metadata(request, plan.service, namespace)
-        return CallInfo(namespace, metadata, None if streaming else self.timeout)
+    async def _call(
+        self, request: web.Request, plan: Plan, namespace: str, *, streaming: bool = False
+    ) -> CallInfo:
+        """The call's metadata and identity; refused here if the rules keep the caller from a service."""
+        metadata = (
+            *self._metadata(request, plan.service, namespace),
+            (REMOTE_ADDRESS_KEY, request.remote or ""),
+        )
+        headers = dict(metadata)
+        timeout = None if streaming else self.timeout
+        if isinstance(plan.upstream, Local):  # a building block: its admit hook decides, with the account
+            account, auth_error = await self.gate.authenticate(headers)
+            return CallInfo(namespace, metadata, timeout, account, auth_error)
+        account = await self.gate.check_call(headers, plan.service, plan.endpoint)
+        return CallInfo(namespace, metadata, timeout, account)
 
     def _metadata(self, request: web.Request, service: str, namespace: str) -> Metadata:
         """The request's headers as call metadata, without hop-by-hop ones, plus micro's own keys."""

@@ -23,8 +23,9 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from micro._binding import Method
-from micro._dispatch import Counters
+from micro._dispatch import Admit, Counters
 from micro._grpc_errors import error_from_rpc
+from micro.auth import Account
 from micro.codec import decode_proto
 from micro.context import Context
 from micro.errors import (
@@ -50,11 +51,16 @@ Metadata = tuple[tuple[str, str], ...]
 
 @dataclass(frozen=True)
 class CallInfo:
-    """What travels with one call: the caller's namespace, its metadata and the time it may take."""
+    """What travels with one call: the caller's namespace, its metadata and the time it may take.
+
+    ``account`` is the caller's (verified), ``auth_error`` why a token it sent was refused.
+    """
 
     namespace: str
     metadata: Metadata
     timeout: float | None
+    account: Account | None = None
+    auth_error: MicroError | None = None
 
 
 class Upstream(abc.ABC):
@@ -91,10 +97,13 @@ def unexpected(exc: BaseException) -> InternalServerError:
 class Local(Upstream):
     """A building block's bound method, called in this process with a ``Context``."""
 
-    def __init__(self, service: str, method: Method, counters: Counters) -> None:
+    def __init__(
+        self, service: str, method: Method, counters: Counters, *, admit: Admit | None = None
+    ) -> None:
         self.service = service
         self.method = method
         self.counters = counters
+        self.admit = admit
 
     async def unary(self, request: bytes, call: CallInfo) -> bytes:
         message = decode_proto(request, self.method.request_type)
@@ -132,13 +141,19 @@ class Local(Upstream):
             yield decode_proto(data, self.method.request_type)
 
     def _context(self, call: CallInfo) -> Context:
-        return Context(
+        """The handler's context; refused here, as the ``Dispatcher`` would, if the caller may not call it."""
+        context = Context(
             namespace=call.namespace,
             metadata=dict(call.metadata),
             service=self.service,
             endpoint=self.method.endpoint,
             deadline=None if call.timeout is None else time.monotonic() + call.timeout,
+            account=call.account,
+            auth_error=call.auth_error,
         )
+        if self.admit is not None:
+            self.admit(context)
+        return context
 
     @contextlib.contextmanager
     def _serving(self) -> Iterator[None]:

@@ -12,9 +12,11 @@ from micro._metadata import CODEC_KEY, NAMESPACE_KEY, SERVICE_KEY
 from micro.context import DEFAULT_NAMESPACE, validate_namespace
 from micro.errors import MicroError, NotFound, ServiceUnavailable
 from micro.errors import NotImplemented as Unimplemented
+from micro_daemon.auth.gate import Gate
 from micro_daemon.proxy.channels import ChannelPool
 from micro_daemon.proxy.directory import ERROR_ID, NOT_LOADED, Directory, Target
 from micro_daemon.proxy.forward import Forward, ServicerContext, Transcoder, abort
+from micro_daemon.proxy.guard import guarded
 from micro_daemon.registry.backend import RegistryBackend
 
 __all__ = ["Proxy"]
@@ -27,14 +29,18 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
 
     Consulted after the daemon's ``Dispatcher``: it declines calls without a
     service and calls to the building blocks (they are served in-process or
-    not at all). ``start`` loads the ``micro`` domain; other domains load on
+    not at all). Each call passes ``gate`` (auth and the namespace's rules)
+    before it is forwarded. ``start`` loads the ``micro`` domain; other domains load on
     their first call. ``close`` stops the registry watches and closes every
     channel; it never raises.
     """
 
-    def __init__(self, backend: RegistryBackend, *, pool: ChannelPool | None = None) -> None:
+    def __init__(
+        self, backend: RegistryBackend, *, pool: ChannelPool | None = None, gate: Gate | None = None
+    ) -> None:
         self.pool = pool or ChannelPool()
         self.directory = Directory(backend, on_gone=self.pool.discard)
+        self.gate = gate or Gate(None)
 
     async def start(self) -> None:
         """Load the ``micro`` domain and start following it."""
@@ -71,7 +77,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         return found
 
     def _route(self, target: Target, path: str, json: bool) -> grpc.RpcMethodHandler:
-        return target.cache((path, json), self._forward(target, path, json).handler())
+        return target.cache(
+            (path, json), guarded(self._forward(target, path, json).handler(), self.gate, path)
+        )
 
     def _forward(self, target: Target, path: str, json: bool) -> Forward:
         if json:
@@ -111,7 +119,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             async for response in forward.any_shape(requests, context):
                 yield response
 
-        return grpc.stream_stream_rpc_method_handler(behaviour)
+        return guarded(grpc.stream_stream_rpc_method_handler(behaviour), self.gate, path)
 
     async def _resolve(self, namespace: str, service: str, path: str, json: bool) -> Forward:
         try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
-from micro.errors import BadRequest, Forbidden
+from micro.errors import BadRequest
 from micro.proto import registry_pb2
+from micro_daemon.auth.gate import require
 from micro_daemon.registry.backend import RegistryBackend
 
 __all__ = ["RegistryHandler"]
@@ -62,14 +63,11 @@ class RegistryHandler:
 
 
 def _domain(domain: str, context: Context, *, write: bool) -> str:
-    if not domain:
-        return context.namespace
+    """The domain a request acts on, if the caller may; ``micro`` is public to read (blocks live there)."""
+    domain = domain or context.namespace
     if domain != ALL_DOMAINS:
         validate_namespace(domain)
-    if context.namespace == DEFAULT_NAMESPACE or domain == context.namespace:
-        return domain
     if domain == DEFAULT_NAMESPACE and not write:
-        return domain  # the building blocks' own domain is public to read
-    raise Forbidden(
-        f"namespace {context.namespace!r} may not {'change' if write else 'read'} domain {domain!r}"
-    )
+        return domain
+    require(context, domain, what="the registry")  # every domain ("*") only for micro's administrators
+    return domain

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +57,9 @@ _DAEMON_ONLY = frozenset(
 )
 _PAST = {"start": "started", "reload": "reloaded", "update": "updated"}
 
+ServiceEnv = Callable[[str, str], Awaitable[Mapping[str, str]]]
+"""``(namespace, name) -> variables`` a new process of the service starts with (its credentials, ...)."""
+
 
 @dataclass
 class Spec:
@@ -87,8 +90,10 @@ class Deployment:
         registry: RegistryBackend,
         log_file: LogFile,
         proxy_address: Callable[[], str],
+        service_env: ServiceEnv | None = None,
     ) -> None:
         self.spec = spec
+        self.service_env = service_env
         self.builder = builder
         self.registry = registry
         self.log = log_file
@@ -187,7 +192,11 @@ class Deployment:
         return True
 
     async def _start_instances(self, build: Build, count: int) -> list[Instance] | None:
-        instances = [self._instance(build) for _ in range(max(1, count))]
+        try:
+            instances = [self._instance(build, await self._service_env()) for _ in range(max(1, count))]
+        except MicroError as exc:
+            self._fail(exc.detail)
+            return None
         try:
             await asyncio.gather(*(self._start_one(i) for i in instances))
         except MicroError as exc:
@@ -241,7 +250,12 @@ class Deployment:
                     gone = registry_pb2.Service(name=version.name, version=version.version, nodes=dead)
                     await self.registry.deregister(self.spec.namespace, gone)
 
-    def _instance(self, build: Build) -> Instance:
+    async def _service_env(self) -> Mapping[str, str]:
+        if self.service_env is None:
+            return {}
+        return await self.service_env(self.spec.namespace, self.spec.name)
+
+    def _instance(self, build: Build, service_env: Mapping[str, str]) -> Instance:
         # A service gets the daemon's environment, less the daemon's own secrets and engine
         # addresses (they can carry passwords): it reaches every block through MICRO_PROXY.
         env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY}
@@ -255,6 +269,7 @@ class Deployment:
         )
         if build.schema is not None:
             env["MICRO_SCHEMA_FILE"] = str(build.schema)
+        env.update(service_env)
         env.update(_pairs(self.spec.env))
         argv = [str(build.python), str(self.folder / self.spec.entrypoint)]
         return Instance(self.spec.name, argv, self.folder, env, self.log)

@@ -23,6 +23,8 @@ from pathlib import Path
 from micro.errors import BadRequest, Conflict, NotFound
 from micro.home import Home, write_private
 from micro.proto import runtime_pb2
+from micro.service import REGISTER_TTL as DEFAULT_REGISTER_TTL
+from micro_daemon.auth.service_accounts import ServiceAccounts
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.runtime.builder import Builder
 from micro_daemon.runtime.deployment import Deployment, Spec
@@ -51,6 +53,8 @@ class Runtime:
         registry: RegistryBackend,
         proxy_address: Callable[[], str],
         adopt_unscoped: bool = False,
+        accounts: ServiceAccounts | None = None,
+        register_ttl: float = DEFAULT_REGISTER_TTL,
     ) -> None:
         self.home = home
         self.node = _node_id(home.data_dir / _NODE_FILE)
@@ -58,6 +62,8 @@ class Runtime:
         self.store = store
         self.registry = registry
         self.proxy_address = proxy_address
+        self.accounts = accounts or ServiceAccounts(None)
+        self.register_ttl = register_ttl
         self.builder = Builder(home.data_dir / "builds")
         self.sources = Sources(home.data_dir / "sources")
         self._deployments: dict[tuple[str, str], Deployment] = {}
@@ -123,6 +129,7 @@ class Runtime:
         del self._deployments[(namespace, name)]
         await deployment.stop()
         deployment.log.write_event("stopped and removed")
+        await self.accounts.forget(namespace, name)
         try:
             await self.store.delete(_DATABASE, _TABLE, self._key(namespace, name))
         except NotFound:
@@ -166,10 +173,17 @@ class Runtime:
             registry=self.registry,
             log_file=self._log_file(spec.namespace, spec.name),
             proxy_address=self.proxy_address,
+            service_env=self._service_env,
         )
         self._deployments[(spec.namespace, spec.name)] = deployment
         deployment.launch()
         return deployment
+
+    async def _service_env(self, namespace: str, name: str) -> dict[str, str]:
+        """A new process's credentials, and a heartbeat TTL no longer than the daemon's registry TTL."""
+        env = await self.accounts.credentials(namespace, name)
+        env["MICRO_REGISTER_TTL"] = f"{min(DEFAULT_REGISTER_TTL, self.register_ttl):g}"
+        return env
 
     def _log_file(self, namespace: str, name: str) -> LogFile:
         return LogFile(self.home.log_dir / "services" / namespace / f"{name}.log")
