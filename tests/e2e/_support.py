@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "MICRO",
     "NATS_URL",
+    "PLATFORM_TTL",
     "POSTGRES_URL",
+    "Platform",
+    "PlatformDaemon",
     "alive",
     "daemons",
     "drop_platform",
     "micro",
     "new_service",
+    "ok",
     "platform_addresses",
     "processes_of",
     "replace_in",
@@ -33,6 +41,13 @@ MICRO = [sys.executable, "-m", "micro_cli"]
 
 def micro(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*MICRO, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def ok(*args: str, timeout: float = 30) -> str:
+    """``micro ARGS``'s output; fails the test if it does not succeed."""
+    done = micro(*args, timeout=timeout)
+    assert done.returncode == 0, f"micro {' '.join(args)} exited {done.returncode}: {done.stderr}"
+    return done.stdout
 
 
 def new_service(parent: Path, name: str = "helloworld") -> Path:
@@ -144,14 +159,16 @@ def require_platform_engines() -> None:
         ) from exc
 
 
-def platform_addresses(tag: str, *, password: str = "") -> dict[str, str]:
+def platform_addresses(
+    tag: str, *, password: str = "", postgres: str = POSTGRES_URL, nats: str = NATS_URL
+) -> dict[str, str]:
     """The four ``MICRO_*_ADDRESS`` variables of a platform in schema and prefix ``tag`` alone."""
-    store = POSTGRES_URL.replace("postgres@", f"postgres:{password}@") if password else POSTGRES_URL
+    store = postgres.replace("postgres@", f"postgres:{password}@") if password else postgres
     return {
         "MICRO_STORE_ADDRESS": f"{store}?schema={tag}",
-        "MICRO_EVENTS_ADDRESS": f"{NATS_URL}?prefix={tag}",
-        "MICRO_BROKER_ADDRESS": f"{NATS_URL}?prefix={tag}",
-        "MICRO_REGISTRY_ADDRESS": f"{NATS_URL}?prefix={tag}",
+        "MICRO_EVENTS_ADDRESS": f"{nats}?prefix={tag}",
+        "MICRO_BROKER_ADDRESS": f"{nats}?prefix={tag}",
+        "MICRO_REGISTRY_ADDRESS": f"{nats}?prefix={tag}",
     }
 
 
@@ -196,3 +213,128 @@ def processes_of(home: Path) -> list[int]:
         if f"MICRO_HOME={home}".encode() in environ:
             found.append(int(entry.name))
     return [pid for pid in found if alive(pid)]
+
+
+PLATFORM_TTL = 3  # seconds a node stays registered without a heartbeat, for the daemons and their services
+
+
+@dataclass
+class PlatformDaemon:
+    """A ``python -m micro_daemon`` of a platform, with its own MICRO_HOME."""
+
+    name: str
+    home: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+    address: str = ""
+
+    def banner(self) -> str:
+        return self.log.read_text()
+
+    def client(self, **options: Any) -> Any:
+        """A ``micro.client.Client`` of this daemon, signed in as its owner (its MICRO_HOME's token)."""
+        from micro.client import Client
+        from micro.credentials import OwnerToken
+        from micro.transport import GrpcTransport
+
+        owner = OwnerToken(self.home / "config" / "auth" / "owner.json")
+        return Client(GrpcTransport(self.address), credentials=owner, **options)
+
+    def micro(
+        self, *args: str, timeout: float = 30, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``micro ARGS`` on this daemon's machine: its MICRO_HOME, so its local owner."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MICRO_")}
+        env["MICRO_HOME"] = str(self.home)
+        return subprocess.run(
+            [*MICRO, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+        )
+
+
+class Platform:
+    """Starts daemons on one schema and prefix, and stops them (and the services they run) at the end.
+
+    The engines are the machine's shared PostgreSQL and NATS unless ``postgres`` and ``nats`` name
+    others; ``drop_platform(platform.tag)`` removes what the daemons left in the shared ones.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        password: str = "",
+        postgres: str = POSTGRES_URL,
+        nats: str = NATS_URL,
+        ttl: int = PLATFORM_TTL,
+    ) -> None:
+        self.root = root
+        self.tag = f"e2e_{uuid.uuid4().hex[:12]}"
+        self.password = password
+        self.postgres = postgres
+        self.nats = nats
+        self.ttl = ttl
+        self.secret_key = base64.b64encode(os.urandom(32)).decode()  # shared by the daemons of a platform
+        self.daemons: list[PlatformDaemon] = []
+
+    def environ(self, home: Path, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MICRO_")}
+        env.update(
+            MICRO_HOME=str(home),
+            MICRO_PROFILE="platform",
+            MICRO_SERVER_ADDRESS="127.0.0.1:0",
+            MICRO_API_ADDRESS="127.0.0.1:0",
+            MICRO_REGISTRY_TTL=str(self.ttl),
+            # Inherited by the services the runtime starts: their nodes too lapse within the TTL.
+            MICRO_REGISTER_TTL=str(self.ttl),
+            MICRO_REGISTER_INTERVAL="1",
+            MICRO_CONFIG_SECRET_KEY=self.secret_key,
+            **platform_addresses(self.tag, password=self.password, postgres=self.postgres, nats=self.nats),
+        )
+        env.update(extra)
+        return env
+
+    def start(self, name: str, *, env: str = "") -> PlatformDaemon:
+        """Start daemon ``name`` (again, on the same home, if it ran before) and add it as CLI env ``env``."""
+        home = self.root / name
+        home.mkdir(exist_ok=True)
+        log = self.root / f"{name}.{sum(d.name == name for d in self.daemons)}.log"
+        state = home / "state" / "server.json"
+        state.unlink(missing_ok=True)
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "micro_daemon"],
+                env=self.environ(home),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        daemon = PlatformDaemon(name, home, log, process)
+        self.daemons.append(daemon)
+
+        def started() -> bool:  # the state file is written before the banner's last line
+            assert process.poll() is None, f"daemon {name} exited {process.returncode}:\n{log.read_text()}"
+            return state.exists() and "profile platform: " in log.read_text()
+
+        wait_until(started, timeout=30)
+        daemon.address = json.loads(state.read_text())["address"]
+        ok("env", "add", env or name, daemon.address)
+        return daemon
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGTERM)
+        for daemon in self.daemons:
+            try:
+                daemon.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
+        # The services a daemon ran stop with it (a killed daemon's get SIGTERM from the kernel).
+        for home in {d.home for d in self.daemons}:
+            try:
+                wait_until(lambda home=home: not processes_of(home), timeout=15)
+            except AssertionError:
+                for pid in processes_of(home):
+                    os.kill(pid, signal.SIGKILL)
+                raise

@@ -8,131 +8,41 @@ without them.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e._support import (
+    PLATFORM_TTL,
+    Platform,
     alive,
     drop_platform,
     micro,
     new_service,
-    platform_addresses,
-    processes_of,
+    ok,
     require_platform_engines,
     wait_until,
 )
 
 pytestmark = pytest.mark.slow
 
-TTL = 3  # seconds a node stays registered without a heartbeat, for the daemons and their services
+TTL = PLATFORM_TTL  # seconds a node stays registered without a heartbeat, for the daemons and their services
 PASSWORD = "s3cr3t-pw"  # trust authentication ignores it; the banner must not show it
 BURST = 40  # events published at once to a consumer group of two members, one per daemon
-SECRET_KEY = base64.b64encode(os.urandom(32)).decode()  # shared by the daemons of a platform
-
-
-@dataclass
-class Daemon:
-    """A ``python -m micro_daemon`` of the platform, with its own MICRO_HOME."""
-
-    name: str
-    home: Path
-    log: Path
-    process: subprocess.Popen[bytes]
-    address: str = ""
-
-    def banner(self) -> str:
-        return self.log.read_text()
-
-
-class Platform:
-    """Starts daemons on one schema and prefix, and stops them and drops both at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tag = f"e2e_{uuid.uuid4().hex[:12]}"
-        self.daemons: list[Daemon] = []
-
-    def environ(self, home: Path, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MICRO_")}
-        env.update(
-            MICRO_HOME=str(home),
-            MICRO_PROFILE="platform",
-            MICRO_SERVER_ADDRESS="127.0.0.1:0",
-            MICRO_API_ADDRESS="127.0.0.1:0",
-            MICRO_REGISTRY_TTL=str(TTL),
-            # Inherited by the services the runtime starts: their nodes too lapse within TTL.
-            MICRO_REGISTER_TTL=str(TTL),
-            MICRO_REGISTER_INTERVAL="1",
-            MICRO_CONFIG_SECRET_KEY=SECRET_KEY,
-            **platform_addresses(self.tag, password=PASSWORD),
-        )
-        env.update(extra)
-        return env
-
-    def start(self, name: str, *, env: str = "") -> Daemon:
-        """Start daemon ``name`` (again, on the same home, if it ran before) and add it as CLI env ``env``."""
-        home = self.root / name
-        home.mkdir(exist_ok=True)
-        log = self.root / f"{name}.{sum(d.name == name for d in self.daemons)}.log"
-        state = home / "state" / "server.json"
-        state.unlink(missing_ok=True)
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "micro_daemon"],
-                env=self.environ(home),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        daemon = Daemon(name, home, log, process)
-        self.daemons.append(daemon)
-
-        def started() -> bool:  # the state file is written before the banner's last line
-            assert process.poll() is None, f"daemon {name} exited {process.returncode}:\n{log.read_text()}"
-            return state.exists() and "profile platform: " in log.read_text()
-
-        wait_until(started, timeout=30)
-        daemon.address = json.loads(state.read_text())["address"]
-        ok("env", "add", env or name, daemon.address)
-        return daemon
-
-    def close(self) -> None:
-        for daemon in self.daemons:
-            if daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGTERM)
-        for daemon in self.daemons:
-            try:
-                daemon.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                daemon.process.kill()
-                daemon.process.wait()
-        # The services a daemon ran stop with it (a killed daemon's get SIGTERM from the kernel).
-        for home in {d.home for d in self.daemons}:
-            try:
-                wait_until(lambda home=home: not processes_of(home), timeout=15)
-            except AssertionError:
-                for pid in processes_of(home):
-                    os.kill(pid, signal.SIGKILL)
-                raise
 
 
 @pytest.fixture
 def platform(home: Path, tmp_path: Path) -> Iterator[Platform]:
     """A platform of this test's own (the CLI keeps its environments in the ``home`` fixture's MICRO_HOME)."""
     require_platform_engines()
-    running = Platform(tmp_path / "daemons")
+    running = Platform(tmp_path / "daemons", password=PASSWORD)
     running.root.mkdir()
     try:
         yield running
@@ -141,12 +51,6 @@ def platform(home: Path, tmp_path: Path) -> Iterator[Platform]:
             running.close()
         finally:
             drop_platform(running.tag)
-
-
-def ok(*args: str, timeout: float = 30) -> str:
-    done = micro(*args, timeout=timeout)
-    assert done.returncode == 0, f"micro {' '.join(args)} exited {done.returncode}: {done.stderr}"
-    return done.stdout
 
 
 def nodes(env: str, name: str) -> list[dict[str, Any]]:
