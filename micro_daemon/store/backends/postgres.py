@@ -2,7 +2,15 @@
 
 Each call runs one autocommit statement on a pooled connection
 (``psycopg_pool.AsyncConnectionPool``), so a write is committed before it
-returns. A conditional write is a single statement (``UPDATE ... WHERE version
+returns. While the server is unreachable (down, restarting) calls fail at once
+with ``ServiceUnavailable`` naming it: a call that finds a pooled connection
+closed, or waits over a second for one, tries a connection of its own, and once
+such a probe has failed every call probes instead of queueing on the pool,
+until one succeeds. The pool retries a lost connection for only a few
+seconds, so it reconnects as soon as the next call needs it rather than after
+minutes of backoff.
+
+A conditional write is a single statement (``UPDATE ... WHERE version
 = n`` or ``INSERT ... ON CONFLICT DO UPDATE ... WHERE``) whose row lock makes
 it atomic against other writers, in this daemon or another one. Keys are
 ``text COLLATE "C"``: byte order of UTF-8, which is code point order, as in
@@ -51,6 +59,8 @@ _DEFAULT_SCHEMA = "micro"
 _DEFAULT_POOL_SIZE = 10
 _CONNECT_TIMEOUT = 5  # seconds, libpq's connect_timeout unless the address sets one
 _ACQUIRE_TIMEOUT = 10.0  # seconds a call waits for a pooled connection
+_BUSY_WAIT = 1.0  # seconds a call waits for a pooled connection before checking the server answers
+_RECONNECT_TIMEOUT = 2.0  # seconds the pool retries a connection before leaving it to the next call
 _OPEN_TIMEOUT = 10.0
 _ROLLBACK_ATTEMPTS = 4  # serialization failures and deadlocks are retried this many times
 _LIVE = "(expires_at IS NULL OR expires_at > %(now)s)"
@@ -183,13 +193,16 @@ def map_postgres_exceptions(address: PostgresAddress) -> Iterator[None]:
         detail = address.scrub(_first_lines(exc))
         raise BadRequest(f"store engine postgres cannot hold this value: {detail}", id="store") from exc
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        detail = address.scrub(_first_lines(exc))
-        raise ServiceUnavailable(
-            f"store engine postgres at {address.location} is unavailable: {detail}", id="store"
-        ) from exc
+        raise _unavailable(address, address.scrub(_first_lines(exc))) from exc
     except psycopg.Error as exc:
         detail = address.scrub(_first_lines(exc))
         raise InternalServerError(f"store engine postgres failed: {detail}", id="store") from exc
+
+
+def _unavailable(address: PostgresAddress, detail: str) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"store engine postgres at {address.location} is unavailable: {detail}", id="store"
+    )
 
 
 def _disconnected(exc: psycopg.OperationalError) -> bool:
@@ -294,8 +307,12 @@ class PostgresBackend(StoreBackend):
             open=False,
             name="micro-store",
             timeout=_ACQUIRE_TIMEOUT,
+            reconnect_timeout=_RECONNECT_TIMEOUT,
         )
         self._last_error: str | None = None
+        self._unreachable: str | None = None  # why the last probe failed; None once one succeeds
+        self._probes = 0
+        self._probing = asyncio.Lock()
         self._closed = False
 
     async def open(self) -> PostgresBackend:
@@ -412,14 +429,17 @@ class PostgresBackend(StoreBackend):
         attempt = skipped = 0
         while True:
             attempt += 1
+            conn = await self._acquire()
             try:
-                async with self._pool.connection() as conn:
-                    # After a server restart every pooled connection is dead: skip them (the pool
-                    # discards them on return) rather than fail one call per connection.
-                    if skipped <= self.address.pool_size and not _still_open(conn):
-                        skipped += 1
-                        continue
-                    return await work(conn)
+                # After a server restart every pooled connection is dead: skip them (the pool
+                # discards them on return) rather than fail one call per connection, unless
+                # the server is still down.
+                if skipped <= self.address.pool_size and not _still_open(conn):
+                    if not skipped:
+                        await self._probe()
+                    skipped += 1
+                    continue
+                return await work(conn)
             except _ROLLBACKS:
                 if attempt >= _ROLLBACK_ATTEMPTS:
                     raise
@@ -428,6 +448,40 @@ class PostgresBackend(StoreBackend):
                 # The server may also drop a connection after the check above: reads try another.
                 if not (idempotent and attempt <= self.address.pool_size and _disconnected(exc)):
                     raise
+            finally:
+                await self._pool.putconn(conn)
+
+    async def _acquire(self) -> Connection:
+        """A pooled connection; ``ServiceUnavailable`` at once while the server does not answer."""
+        if self._closed:
+            raise ServiceUnavailable(
+                f"store engine postgres at {self.address.location} is closed", id="store"
+            )
+        if self._unreachable is not None:
+            await self._probe()
+        try:
+            return await self._pool.getconn(timeout=_BUSY_WAIT)
+        except PoolTimeout:
+            await self._probe()  # busy, or connecting to a server that is gone?
+        return await self._pool.getconn(timeout=_ACQUIRE_TIMEOUT - _BUSY_WAIT)
+
+    async def _probe(self) -> None:
+        """Connect once, outside the pool: raise ``ServiceUnavailable`` if the server does not accept it."""
+        probes = self._probes
+        async with self._probing:
+            if self._probes == probes:  # else one finished while this call waited: its outcome answers
+                self._unreachable = await self._connect_error()
+                self._probes += 1
+            if self._unreachable is not None:
+                raise _unavailable(self.address, self._unreachable)
+
+    async def _connect_error(self) -> str | None:
+        try:
+            conn = await Connection.connect(self.address.conninfo, **self.address.connect_kwargs())
+        except psycopg.Error as exc:
+            return self.address.scrub(_first_lines(exc))
+        await conn.close()
+        return None
 
 
 def _still_open(conn: Connection) -> bool:

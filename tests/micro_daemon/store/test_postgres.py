@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -32,6 +32,7 @@ from micro_daemon.store.backends.postgres import (
     open_postgres,
 )
 from micro_daemon.store.backends.postgres_schema import MIGRATIONS
+from tests._engines import PrivatePostgres
 
 DEFAULT_SERVERS = (
     "postgresql://postgres@127.0.0.1:5432/postgres",
@@ -341,5 +342,51 @@ async def test_open_store_chooses_postgres_by_scheme(address: str, tmp_path: Pat
         assert isinstance(backend, PostgresBackend)
         assert await backend.put("db", "tb", Record(key=scheme, value=b"v")) == 1
         assert await backend.databases() == ["db"]
+    finally:
+        await backend.close()
+
+
+# -- a server that goes away and comes back ---------------------------------------------------
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test's own, which it may stop (the shared one serves other tests)."""
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+async def test_a_restarted_server_fails_calls_at_once_then_serves_them_again(
+    private_postgres: PrivatePostgres, tmp_path: Path
+) -> None:
+    backend = await open_postgres(private_postgres.url, tmp_path)
+    try:
+        await asyncio.gather(*(backend.put("db", "tb", Record(key=f"k{i}", value=b"v")) for i in range(10)))
+        private_postgres.stop()
+
+        for call in (
+            lambda: backend.get("db", "tb", "k1"),
+            lambda: backend.put("db", "tb", Record("k", b"w")),
+        ):
+            began = time.monotonic()
+            with pytest.raises(ServiceUnavailable) as caught:
+                await call()
+            assert time.monotonic() - began < 3  # not the pool's 10 s wait for a connection
+            assert f"store engine postgres at 127.0.0.1:{private_postgres.port} is unavailable" in str(
+                caught.value
+            )
+            assert "Connection refused" in str(caught.value)
+        assert (await backend.health()).startswith("unavailable: ")
+
+        private_postgres.start()
+        began = time.monotonic()
+        assert (await backend.get("db", "tb", "k1")).value == b"v"  # not after the pool's backoff
+        assert await backend.put("db", "tb", Record(key="k1", value=b"w")) == 2
+        assert time.monotonic() - began < 3
+        assert await backend.health() == "ok"
     finally:
         await backend.close()
