@@ -124,6 +124,12 @@ class Client:
     async def close(self) -> None:
         await self.transport.close()
 
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     def _timeout(self) -> float | None:
         """The client's timeout, shortened to the deadline of the call being served, if any."""
         context = current_context()

@@ -29,12 +29,14 @@ before any read never gets the default.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import enum
 import itertools
 import json
 import re
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -186,18 +188,26 @@ class RuleStore:
         self._ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[list[Rule], float]] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def list(self, namespace: str) -> list[Rule]:
         """The rules, by id; the default rule is written the first time a namespace has none."""
         cached = self._cache.get(namespace)
         if cached is not None and self._clock() - cached[1] < self._ttl:
             return list(cached[0])
-        rules = await self._read(namespace)
-        if not rules and await self._mark(namespace):
-            await self._put_default(namespace)
+        async with self._locks[namespace]:  # concurrent first calls: one writes the default, all see it
+            cached = self._cache.get(namespace)
+            if cached is not None and self._clock() - cached[1] < self._ttl:
+                return list(cached[0])
             rules = await self._read(namespace)
-        self._cache[namespace] = (rules, self._clock())
-        return list(rules)
+            if not rules:
+                if await self._mark(namespace):
+                    await self._put_default(namespace)
+                    rules = await self._read(namespace)
+                else:  # marked before: all deleted, or another daemon is writing the default now
+                    return []  # not cached: the next call reads again
+            self._cache[namespace] = (rules, self._clock())
+            return list(rules)
 
     async def create(self, namespace: str, rule: Rule) -> None:
         """Add the rule, or replace the rule with its id."""

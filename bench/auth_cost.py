@@ -1,0 +1,128 @@
+"""What auth costs a call: the same unary call through a daemon enforcing auth and one with it off.
+
+Two daemons this script started (isolated MICRO_HOMEs, ephemeral ports), each running the
+helloworld service (``micro new`` + ``micro run .``): one with ``MICRO_AUTH=jwt`` (the default:
+the proxy verifies the caller's RS256 token and evaluates the namespace's rules on every call;
+this one holds the default rule plus ``EXTRA_RULES`` more, for rule evaluation to do some work),
+one with ``MICRO_AUTH=none``. The client sends a real access token (the local owner's, from the
+daemon's MICRO_HOME) to the first; to the second it sends the same-sized header, so the bytes on
+the wire match. Same call both ways: ``/helloworld.Helloworld/Call`` with proto bytes.
+
+Each round runs, per daemon, a phase with 1 call in flight and one with 50 in flight; the order
+alternates from round to round so drift hits both alike.
+
+Target: auth on costs <= 10% (p50 with 1 in flight, and throughput with 50 in flight, medians
+over rounds).
+Run: .venv/bin/python bench/auth_cost.py [--rounds R] [--seq-calls N] [--calls N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from _common import (
+    Target,
+    emit_json,
+    fmt_ms,
+    median,
+    new_service,
+    print_table,
+    print_targets,
+    run_service,
+    start_daemon,
+)
+from proxy_overhead import IN_FLIGHT, PATH, phase
+
+from micro.auth import AuthClient
+from micro.client import Client
+from micro.credentials import StaticToken
+from micro.transport import GrpcTransport
+
+COST_LIMIT = 0.10
+EXTRA_RULES = 10
+
+
+async def measure(
+    args: argparse.Namespace, on: tuple[str, str], off: str, folder: str
+) -> dict[str, dict[str, list[float]]]:
+    sys.path.insert(0, folder)
+    pb = importlib.import_module("proto.helloworld_pb2")
+    address_on, token = on
+    with_auth = Client(GrpcTransport(address_on), credentials=StaticToken(token), timeout=30)
+    auth = AuthClient(with_auth)
+    await auth.list_rules()  # the namespace's first read writes the default rule, which grants this call
+    for i in range(EXTRA_RULES):  # rules a real namespace might hold, none of them deciding this call
+        await auth.create_rule(f"deny-{i}", f"service:other-{i}:*", scope="*", access="denied", priority=i)
+    without = Client(GrpcTransport(off), credentials=StaticToken("x" * len(token)), timeout=30)
+    request = pb.Request(name="bench")
+
+    def op(client: Client):  # type: ignore[no-untyped-def]
+        async def call() -> None:
+            response = await client.call("helloworld", PATH, request, pb.Response)
+            assert response.msg == "Hello bench", response
+
+        return call
+
+    ops = {"auth on": op(with_auth), "auth off": op(without)}
+    figures: dict[str, dict[str, list[float]]] = {name: {"p50": [], "throughput": []} for name in ops}
+    for call in ops.values():
+        await phase(call, 400, IN_FLIGHT)
+        await phase(call, 100, 1)
+    names = list(ops)
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            latencies, _ = await phase(ops[name], args.seq_calls, 1)
+            figures[name]["p50"].append(sorted(latencies)[len(latencies) // 2])
+            latencies, wall = await phase(ops[name], args.calls, IN_FLIGHT)
+            figures[name]["throughput"].append(len(latencies) / wall)
+    await with_auth.close()
+    await without.close()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    parser.add_argument("--seq-calls", type=int, default=200, help="calls per daemon per round, 1 in flight")
+    parser.add_argument(
+        "--calls", type=int, default=800, help=f"calls per daemon per round, {IN_FLIGHT} in flight"
+    )
+    args = parser.parse_args()
+
+    with start_daemon(MICRO_AUTH="jwt") as on, start_daemon(MICRO_AUTH="none") as off:
+        folder = new_service(on)
+        run_service(on, folder, "--no-watch", "--env_vars", "MICRO_LOG_LEVEL=WARNING")
+        run_service(off, folder, "--no-watch", "--env_vars", "MICRO_LOG_LEVEL=WARNING")
+        owner = json.loads((Path(on.home) / "config" / "auth" / "owner.json").read_text())
+        figures = asyncio.run(measure(args, (on.address, owner["access_token"]), off.address, str(folder)))
+
+    p50 = {name: median(f["p50"]) for name, f in figures.items()}
+    rate = {name: median(f["throughput"]) for name, f in figures.items()}
+    print(
+        f"Unary Helloworld.Call through the proxy, {args.rounds} interleaved rounds: {args.seq_calls} calls "
+        f"with 1 in flight and {args.calls} with {IN_FLIGHT} in flight per daemon and round\n"
+    )
+    print_table(
+        ["daemon", "p50 ms (1 in flight)", f"calls/s ({IN_FLIGHT} in flight)"],
+        [[name, fmt_ms(p50[name]), f"{rate[name]:.0f}"] for name in figures],
+    )
+    targets = [
+        Target("p50 with auth / without (1 in flight)", p50["auth on"] / p50["auth off"], 1 + COST_LIMIT),
+        Target(
+            f"calls/s with auth / without ({IN_FLIGHT} in flight)",
+            rate["auth on"] / rate["auth off"],
+            1 - COST_LIMIT,
+            at_least=True,
+        ),
+    ]
+    print_targets(targets)
+    emit_json("auth_cost", {"p50_s": p50, "calls_per_s": rate}, targets)
+
+
+if __name__ == "__main__":
+    main()
