@@ -104,8 +104,13 @@ class EventsClient:
         auto_ack: bool = True,
         ack_wait: float = 30.0,
         retry_limit: int = 5,
+        start_if_new: bool = False,
     ) -> Consumer:
-        """Deliver the events of ``topic`` to ``group`` from: group, beginning, sequence, or ``since``."""
+        """Deliver the events of ``topic`` to ``group`` from: group, beginning, sequence, or ``since``.
+
+        ``start_if_new``: only a new group starts there; an existing one
+        resumes from its saved position (Micro's ``Offset``).
+        """
         options = events_pb2.ConsumeOptions(
             topic=topic,
             group=group,
@@ -115,6 +120,7 @@ class EventsClient:
             auto_ack=auto_ack,
             ack_wait=int(ack_wait * 1000),
             retry_limit=retry_limit,
+            start_if_new=start_if_new,
         )
         return Consumer(self.client, options)
 

@@ -99,13 +99,22 @@ def events_consume(
     since: Annotated[
         str | None, typer.Option("--since", help="Start at events of the last 10m, 2h...")
     ] = None,
+    if_new: Annotated[
+        bool,
+        typer.Option(
+            "--if-new", help="Start there only if the group is new; an existing group resumes where it was."
+        ),
+    ] = False,
     limit: Annotated[int, typer.Option("--limit", "-l", min=0, help="Stop after this many (0: never).")] = 0,
 ) -> None:
     """Print a topic's events as JSON lines, acknowledged as printed."""
     from micro.events import EventsClient
 
-    if sum([from_beginning, offset is not None, since is not None]) > 1:
+    starts = sum([from_beginning, offset is not None, since is not None])
+    if starts > 1:
         raise UsageError("choose one of --from-beginning, --offset and --since")
+    if if_new and not starts:
+        raise UsageError("--if-new goes with --from-beginning, --offset or --since")
     start = "beginning" if from_beginning else "sequence" if offset is not None else "group"
     since_time = time.time() - parse_duration(since, what="--since") if since else None
 
@@ -121,6 +130,7 @@ def events_consume(
                 since=since_time,
                 auto_ack=False,
                 retry_limit=-1,
+                start_if_new=if_new,
             )
             try:
                 count = 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmicro/events/v1/events.proto\x12\x0fmicro.events.v1\"\xd2\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.micro.events.v1.Event.MetadataEntry\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12?\n\x08metadata\x18\x02 \x03(\x0b\x32-.micro.events.v1.PublishRequest.MetadataEntry\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x0fPublishResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"\xc1\x01\n\x0e\x43onsumeOptions\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12%\n\x05start\x18\x03 \x01(\x0e\x32\x16.micro.events.v1.Start\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05since\x18\x05 \x01(\x03\x12\x15\n\x08\x61uto_ack\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08\x61\x63k_wait\x18\x07 \x01(\x03\x12\x13\n\x0bretry_limit\x18\x08 \x01(\x05\x42\x0b\n\t_auto_ack\"\"\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\".\n\x08\x41\x63kBatch\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.micro.events.v1.Ack\"\xa4\x01\n\x0e\x43onsumeRequest\x12\x32\n\x07options\x18\x01 \x01(\x0b\x32\x1f.micro.events.v1.ConsumeOptionsH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.micro.events.v1.AckH\x00\x12.\n\tack_batch\x18\x03 \x01(\x0b\x32\x19.micro.events.v1.AckBatchH\x00\x42\t\n\x07request\"F\n\x13PublishBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.micro.events.v1.PublishRequest\"I\n\x14PublishBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .micro.events.v1.PublishResponse\"4\n\nEventBatch\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event\"\x0f\n\rTopicsRequest\"\"\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03lag\x18\x02 \x01(\x04\"c\n\x05Topic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12&\n\x06groups\x18\x04 \x03(\x0b\x32\x16.micro.events.v1.Group\"8\n\x0eTopicsResponse\x12&\n\x06topics\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Topic\";\n\x0bReadRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"6\n\x0cReadResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event*9\n\x05Start\x12\t\n\x05GROUP\x10\x00\x12\r\n\tBEGINNING\x10\x01\x12\x0c\n\x08SEQUENCE\x10\x02\x12\x08\n\x04TIME\x10\x03\x32\xf2\x03\n\x06Stream\x12L\n\x07Publish\x12\x1f.micro.events.v1.PublishRequest\x1a .micro.events.v1.PublishResponse\x12V\n\rPublishStream\x12\x1f.micro.events.v1.PublishRequest\x1a .micro.events.v1.PublishResponse(\x01\x30\x01\x12\x46\n\x07\x43onsume\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x16.micro.events.v1.Event(\x01\x30\x01\x12[\n\x0cPublishBatch\x12$.micro.events.v1.PublishBatchRequest\x1a%.micro.events.v1.PublishBatchResponse\x12R\n\x0e\x43onsumeBatches\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x1b.micro.events.v1.EventBatch(\x01\x30\x01\x12I\n\x06Topics\x12\x1e.micro.events.v1.TopicsRequest\x1a\x1f.micro.events.v1.TopicsResponse2L\n\x05Store\x12\x43\n\x04Read\x12\x1c.micro.events.v1.ReadRequest\x1a\x1d.micro.events.v1.ReadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmicro/events/v1/events.proto\x12\x0fmicro.events.v1\"\xd2\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.micro.events.v1.Event.MetadataEntry\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12?\n\x08metadata\x18\x02 \x03(\x0b\x32-.micro.events.v1.PublishRequest.MetadataEntry\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x0fPublishResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"\xd7\x01\n\x0e\x43onsumeOptions\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12%\n\x05start\x18\x03 \x01(\x0e\x32\x16.micro.events.v1.Start\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05since\x18\x05 \x01(\x03\x12\x15\n\x08\x61uto_ack\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08\x61\x63k_wait\x18\x07 \x01(\x03\x12\x13\n\x0bretry_limit\x18\x08 \x01(\x05\x12\x14\n\x0cstart_if_new\x18\t \x01(\x08\x42\x0b\n\t_auto_ack\"\"\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\".\n\x08\x41\x63kBatch\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.micro.events.v1.Ack\"\xa4\x01\n\x0e\x43onsumeRequest\x12\x32\n\x07options\x18\x01 \x01(\x0b\x32\x1f.micro.events.v1.ConsumeOptionsH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.micro.events.v1.AckH\x00\x12.\n\tack_batch\x18\x03 \x01(\x0b\x32\x19.micro.events.v1.AckBatchH\x00\x42\t\n\x07request\"F\n\x13PublishBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.micro.events.v1.PublishRequest\"I\n\x14PublishBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .micro.events.v1.PublishResponse\"4\n\nEventBatch\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event\"\x0f\n\rTopicsRequest\"\"\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03lag\x18\x02 \x01(\x04\"c\n\x05Topic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12&\n\x06groups\x18\x04 \x03(\x0b\x32\x16.micro.events.v1.Group\"8\n\x0eTopicsResponse\x12&\n\x06topics\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Topic\";\n\x0bReadRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"6\n\x0cReadResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event*9\n\x05Start\x12\t\n\x05GROUP\x10\x00\x12\r\n\tBEGINNING\x10\x01\x12\x0c\n\x08SEQUENCE\x10\x02\x12\x08\n\x04TIME\x10\x03\x32\xf2\x03\n\x06Stream\x12L\n\x07Publish\x12\x1f.micro.events.v1.PublishRequest\x1a .micro.events.v1.PublishResponse\x12V\n\rPublishStream\x12\x1f.micro.events.v1.PublishRequest\x1a .micro.events.v1.PublishResponse(\x01\x30\x01\x12\x46\n\x07\x43onsume\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x16.micro.events.v1.Event(\x01\x30\x01\x12[\n\x0cPublishBatch\x12$.micro.events.v1.PublishBatchRequest\x1a%.micro.events.v1.PublishBatchResponse\x12R\n\x0e\x43onsumeBatches\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x1b.micro.events.v1.EventBatch(\x01\x30\x01\x12I\n\x06Topics\x12\x1e.micro.events.v1.TopicsRequest\x1a\x1f.micro.events.v1.TopicsResponse2L\n\x05Store\x12\x43\n\x04Read\x12\x1c.micro.events.v1.ReadRequest\x1a\x1d.micro.events.v1.ReadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_PUBLISHREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_PUBLISHREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_START']._serialized_start=1472
-  _globals['_START']._serialized_end=1529
+  _globals['_START']._serialized_start=1494
+  _globals['_START']._serialized_end=1551
   _globals['_EVENT']._serialized_start=50
   _globals['_EVENT']._serialized_end=260
   _globals['_EVENT_METADATAENTRY']._serialized_start=213
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHRESPONSE']._serialized_start=446
   _globals['_PUBLISHRESPONSE']._serialized_end=493
   _globals['_CONSUMEOPTIONS']._serialized_start=496
-  _globals['_CONSUMEOPTIONS']._serialized_end=689
-  _globals['_ACK']._serialized_start=691
-  _globals['_ACK']._serialized_end=725
-  _globals['_ACKBATCH']._serialized_start=727
-  _globals['_ACKBATCH']._serialized_end=773
-  _globals['_CONSUMEREQUEST']._serialized_start=776
-  _globals['_CONSUMEREQUEST']._serialized_end=940
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=942
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1012
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1014
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1087
-  _globals['_EVENTBATCH']._serialized_start=1089
-  _globals['_EVENTBATCH']._serialized_end=1141
-  _globals['_TOPICSREQUEST']._serialized_start=1143
-  _globals['_TOPICSREQUEST']._serialized_end=1158
-  _globals['_GROUP']._serialized_start=1160
-  _globals['_GROUP']._serialized_end=1194
-  _globals['_TOPIC']._serialized_start=1196
-  _globals['_TOPIC']._serialized_end=1295
-  _globals['_TOPICSRESPONSE']._serialized_start=1297
-  _globals['_TOPICSRESPONSE']._serialized_end=1353
-  _globals['_READREQUEST']._serialized_start=1355
-  _globals['_READREQUEST']._serialized_end=1414
-  _globals['_READRESPONSE']._serialized_start=1416
-  _globals['_READRESPONSE']._serialized_end=1470
-  _globals['_STREAM']._serialized_start=1532
-  _globals['_STREAM']._serialized_end=2030
-  _globals['_STORE']._serialized_start=2032
-  _globals['_STORE']._serialized_end=2108
+  _globals['_CONSUMEOPTIONS']._serialized_end=711
+  _globals['_ACK']._serialized_start=713
+  _globals['_ACK']._serialized_end=747
+  _globals['_ACKBATCH']._serialized_start=749
+  _globals['_ACKBATCH']._serialized_end=795
+  _globals['_CONSUMEREQUEST']._serialized_start=798
+  _globals['_CONSUMEREQUEST']._serialized_end=962
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=964
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1034
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1036
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1109
+  _globals['_EVENTBATCH']._serialized_start=1111
+  _globals['_EVENTBATCH']._serialized_end=1163
+  _globals['_TOPICSREQUEST']._serialized_start=1165
+  _globals['_TOPICSREQUEST']._serialized_end=1180
+  _globals['_GROUP']._serialized_start=1182
+  _globals['_GROUP']._serialized_end=1216
+  _globals['_TOPIC']._serialized_start=1218
+  _globals['_TOPIC']._serialized_end=1317
+  _globals['_TOPICSRESPONSE']._serialized_start=1319
+  _globals['_TOPICSRESPONSE']._serialized_end=1375
+  _globals['_READREQUEST']._serialized_start=1377
+  _globals['_READREQUEST']._serialized_end=1436
+  _globals['_READRESPONSE']._serialized_start=1438
+  _globals['_READRESPONSE']._serialized_end=1492
+  _globals['_STREAM']._serialized_start=1554
+  _globals['_STREAM']._serialized_end=2052
+  _globals['_STORE']._serialized_start=2054
+  _globals['_STORE']._serialized_end=2130
 # @@protoc_insertion_point(module_scope)

@@ -71,7 +71,7 @@ class PublishResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class ConsumeOptions(_message.Message):
-    __slots__ = ("topic", "group", "start", "sequence", "since", "auto_ack", "ack_wait", "retry_limit")
+    __slots__ = ("topic", "group", "start", "sequence", "since", "auto_ack", "ack_wait", "retry_limit", "start_if_new")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class ConsumeOptions(_message.Message):
     AUTO_ACK_FIELD_NUMBER: _ClassVar[int]
     ACK_WAIT_FIELD_NUMBER: _ClassVar[int]
     RETRY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    START_IF_NEW_FIELD_NUMBER: _ClassVar[int]
     topic: str
     group: str
     start: Start
@@ -88,7 +89,8 @@ class ConsumeOptions(_message.Message):
     auto_ack: bool
     ack_wait: int
     retry_limit: int
-    def __init__(self, topic: _Optional[str] = ..., group: _Optional[str] = ..., start: _Optional[_Union[Start, str]] = ..., sequence: _Optional[int] = ..., since: _Optional[int] = ..., auto_ack: _Optional[bool] = ..., ack_wait: _Optional[int] = ..., retry_limit: _Optional[int] = ...) -> None: ...
+    start_if_new: bool
+    def __init__(self, topic: _Optional[str] = ..., group: _Optional[str] = ..., start: _Optional[_Union[Start, str]] = ..., sequence: _Optional[int] = ..., since: _Optional[int] = ..., auto_ack: _Optional[bool] = ..., ack_wait: _Optional[int] = ..., retry_limit: _Optional[int] = ..., start_if_new: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("id", "success")

@@ -429,6 +429,58 @@ class EventsContract:
         assert _seqs(await _take(consumer, 2)) == [5, 6]
         await consumer.close()
 
+    async def test_start_if_new_starts_a_new_group_there(self, events: EventsBackend) -> None:
+        await _publish(events, "t", 1)
+        await asyncio.sleep(0.002)
+        await _publish(events, "t", 2)
+        since = (await events.read(NS, "t"))[1].timestamp
+        cases = [
+            (ConsumeSpec(group="a", start=Start.BEGINNING, start_if_new=True), [1, 2, 3]),
+            (ConsumeSpec(group="b", start=Start.SEQUENCE, sequence=2, start_if_new=True), [2, 3]),
+            (ConsumeSpec(group="c", start=Start.TIME, since_ns=since, start_if_new=True), [2, 3]),
+            (ConsumeSpec(start=Start.BEGINNING, start_if_new=True), [1, 2, 3]),  # private: always new
+            (ConsumeSpec(group="d", start_if_new=True), []),
+        ]
+        for options, expected in cases:
+            consumer = await events.consume(NS, "t", options)
+            assert _seqs(await _take(consumer, len(expected))) == expected, options
+            await _quiet(consumer, 0.05)
+            await consumer.close()
+
+    @pytest.mark.parametrize(
+        "start", [{"start": Start.BEGINNING}, {"start": Start.SEQUENCE, "sequence": 1}, {"start": Start.TIME}]
+    )
+    async def test_start_if_new_resumes_an_existing_group(
+        self, events: EventsBackend, start: dict[str, Any]
+    ) -> None:
+        options = ConsumeSpec(group="g", start_if_new=True, **start)
+        consumer = await events.consume(NS, "t", options)
+        await _publish(events, "t", 4)
+        assert _seqs(await _take(consumer, 2)) == [1, 2]
+        await consumer.close()
+        consumer = await events.consume(NS, "t", options)
+        assert _seqs(await _take(consumer, 2)) == [3, 4]
+        await _quiet(consumer, 0.05)
+        await consumer.close()
+        async with self._reopened(events) as reopened:
+            consumer = await reopened.consume(NS, "t", options)
+            await _publish(reopened, "t", 1)
+            assert _seqs(await _take(consumer, 1)) == [5]
+            await _quiet(consumer, 0.05)
+            await consumer.close()
+
+    async def test_start_if_new_joins_a_group_in_use(self, events: EventsBackend) -> None:
+        first = await events.consume(NS, "t", ConsumeSpec(group="g"))
+        await _publish(events, "t", 2)
+        assert _seqs(await _take(first, 2)) == [1, 2]
+        options = ConsumeSpec(group="g", start=Start.BEGINNING, start_if_new=True)
+        second = await events.consume(NS, "t", options)
+        await first.close()
+        await _quiet(second, 0.05)
+        await _publish(events, "t", 1)
+        assert _seqs(await _take(second, 1)) == [3]
+        await second.close()
+
     async def test_closed_consumer_and_backend_end_iteration(self, events: EventsBackend) -> None:
         closed = await events.consume(NS, "t", ConsumeSpec(group="a"))
         await closed.close()

@@ -8,7 +8,9 @@ Semantics every engine keeps (checked by ``micro.testing.messaging.EventsContrac
   its events. A group's position survives consumer and daemon restarts: it
   resumes after its last acknowledged event. ``Start.GROUP`` uses that position
   (with none saved: new events only); ``BEGINNING``, ``SEQUENCE`` and ``TIME``
-  move the group there. A start beyond the last event waits for it.
+  move the group there, or with ``start_if_new`` only a group that is new (no
+  saved position, no consumer yet): an existing one resumes. A start beyond
+  the last event waits for it.
 * Acknowledgement: with ``auto_ack`` an event counts as done once it is handed
   to the consumer. Otherwise it must be acked within ``ack_wait`` seconds, or it
   is delivered again (``attempt`` + 1) to any consumer of the group; a nack, or
@@ -86,6 +88,8 @@ class ConsumeSpec:
     ``group``: the consumer group ("" = a private group for this consumer,
     neither saved nor listed). ``start``: see ``Start``; ``sequence`` (from 1)
     goes with ``SEQUENCE``, ``since_ns`` (unix nanoseconds) with ``TIME``.
+    ``start_if_new``: apply ``start`` only if the group is new; an existing
+    group resumes from its saved position (Micro's ``Offset``).
     ``ack_wait`` (seconds), ``retry_limit`` (deliveries, -1 = unlimited) and
     ``max_in_flight`` (unacknowledged events a consumer may hold before it
     waits for acks, as JetStream's MaxAckPending) apply when ``auto_ack`` is
@@ -100,6 +104,7 @@ class ConsumeSpec:
     ack_wait: float = DEFAULT_ACK_WAIT
     retry_limit: int = DEFAULT_RETRY_LIMIT
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    start_if_new: bool = False
 
     def __post_init__(self) -> None:
         if self.group and not _GROUP.match(self.group):

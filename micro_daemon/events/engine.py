@@ -87,9 +87,10 @@ class EmbeddedEvents(EventsBackend):
         validate_topic(topic)
         state = await self._topic(namespace, topic)
         group = await self._group(state, options.group)
+        new, group.new = group.new, False
         consumer = group.attach(options)
         try:
-            start = await self._start_seq(state, options)
+            start = await self._start_seq(state, options) if new or not options.start_if_new else None
             if start is not None:
                 group.reset(start)
                 await group.sync()
@@ -201,6 +202,7 @@ class EmbeddedEvents(EventsBackend):
     async def _group(self, topic: TopicState, name: str) -> Group:
         if not name:
             private = Group(self, topic, f"~{uuid.uuid4()}", GroupState(topic.last_seq), persistent=False)
+            private.new = True
             topic.groups[private.name] = private
             return private
         group = topic.groups.get(name)
@@ -217,6 +219,7 @@ class EmbeddedEvents(EventsBackend):
         group = Group(self, topic, name, state or GroupState(topic.last_seq))
         topic.groups[name] = group
         if state is None:  # a new group starts with the events published from now on
+            group.new = True
             group.reset(topic.last_seq + 1)
             await group.sync()
         return group

@@ -57,20 +57,20 @@ class Groups:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def bind(self, base: Binding, spec: ConsumeSpec) -> Binding:
-        """The consumer for ``spec``: the group's, moved to ``spec.start`` unless GROUP; a new private one."""
+        """The consumer for ``spec``: the group's, moved to ``spec.start`` unless GROUP (or, with
+        ``start_if_new``, unless the group exists); a new private one."""
         wanted = (spec.ack_wait if not spec.auto_ack else DEFAULT_ACK_WAIT) + SLACK
         if not base.group:
             start, floor = await self._start(base, spec)
             return await self._create(replace(base, floor=floor, server_ack_wait=wanted), start)
         async with self._locks.setdefault((base.stream, base.name), asyncio.Lock()):
-            if spec.start is Start.GROUP:
+            if spec.start is Start.GROUP or spec.start_if_new:
                 info = await self._info(base)
                 if info is not None:
                     return await self._join(base, info, wanted)
+                start, floor = await self._start(base, spec)
                 try:
-                    return await self._create(
-                        replace(base, server_ack_wait=wanted), {"deliver_policy": "new"}
-                    )
+                    return await self._create(replace(base, floor=floor, server_ack_wait=wanted), start)
                 except ApiError:  # created meanwhile by another daemon: join it
                     info = await self._info(base)
                     if info is None:

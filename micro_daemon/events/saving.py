@@ -93,6 +93,7 @@ class SavedGroup:
         self.topic = topic
         self.name = name
         self.persistent = persistent
+        self.new = False  # no saved position and no consumer yet (taken by the first consume)
         self.consumers: set[GroupConsumer] = set()
         self.pending = {seq: Pending(seq, attempts) for seq, attempts in state.pending.items()}
         self._low: list[int] = sorted(self.pending)  # a heap of pending seqs (stale ones skipped lazily)

@@ -169,6 +169,7 @@ def consume_spec(options: events_pb2.ConsumeOptions) -> ConsumeSpec:
         auto_ack=options.auto_ack if options.HasField("auto_ack") else True,
         ack_wait=options.ack_wait / 1000 if options.ack_wait else DEFAULT_ACK_WAIT,
         retry_limit=options.retry_limit or DEFAULT_RETRY_LIMIT,
+        start_if_new=options.start_if_new,
     )
 
 

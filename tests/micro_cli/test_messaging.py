@@ -217,6 +217,19 @@ def test_a_group_resumes_where_it_stopped_and_shows_its_lag(micro_server, micro_
     assert topic["groups"] == {"workers": 0}
 
 
+def test_if_new_starts_only_a_new_group_there(micro_server, micro_cli):
+    publish(micro_server, "jobs", *range(4))
+    args = ("events", "consume", "jobs", "-g", "workers", "--from-beginning", "--if-new", "-l", "2")
+    assert payloads(micro_cli(*args).assert_success()) == [0, 1]
+    assert payloads(micro_cli(*args).assert_success()) == [2, 3]  # resumed, not moved back
+    again = micro_cli("events", "consume", "jobs", "-g", "workers", "--from-beginning", "-l", "1")
+    assert payloads(again.assert_success()) == [0]  # without --if-new the group moves
+
+
+def test_if_new_needs_a_start(micro_server, micro_cli):
+    micro_cli("events", "consume", "log", "-g", "g", "--if-new").assert_failure(3, err="--if-new")
+
+
 def test_topics_without_any(micro_server, micro_cli):
     assert json.loads(micro_cli("events", "topics", "--output", "json").assert_success().out) == []
 
