@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from micro.auth import ALGORITHM, Account, TokenVerifier
 from micro.errors import BadRequest, NotFound, Unauthorized
-from micro_daemon.store.backend import Query, Record
+from micro_daemon.store.backend import SYSTEM_DATABASE, Query, Record
 
 if TYPE_CHECKING:
     from micro_daemon.auth.keys import KeyPair
@@ -54,7 +54,7 @@ __all__ = [
     "issued_time",
 ]
 
-DATABASE = "micro"
+DATABASE = SYSTEM_DATABASE
 TABLE = "auth"
 DEFAULT_LIFETIME = 15 * 60
 MAX_LIFETIME = 24 * 60 * 60

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from micro.errors import BadRequest, Conflict, InternalServerError, MicroError, NotFound, TooManyRequests
 from micro_daemon.config import tree
-from micro_daemon.store.backend import Record
+from micro_daemon.store.backend import SYSTEM_DATABASE, Record
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DATABASE", "MAX_VALUE_BYTES", "TABLE", "WATCH_QUEUE_SIZE", "Change", "ConfigEngine", "Watch"]
 
-DATABASE = "micro"
+DATABASE = SYSTEM_DATABASE
 TABLE = "config"
 MAX_VALUE_BYTES = 1024 * 1024
 WATCH_QUEUE_SIZE = 100

@@ -30,13 +30,13 @@ from micro_daemon.runtime.builder import Builder
 from micro_daemon.runtime.deployment import Deployment, Spec
 from micro_daemon.runtime.logs import Line, LogFile
 from micro_daemon.runtime.sources import Sources, is_git
-from micro_daemon.store.backend import Query, Record, StoreBackend
+from micro_daemon.store.backend import SYSTEM_DATABASE, Query, Record, StoreBackend
 
 __all__ = ["Runtime"]
 
 log = logging.getLogger("micro.runtime")
 
-_DATABASE = "micro"
+_DATABASE = SYSTEM_DATABASE
 _TABLE = "runtime"
 _NODE_FILE = "runtime_node"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -18,6 +18,14 @@ from typing import Literal
 
 Order = Literal["asc", "desc"]
 
+SYSTEM_DATABASE = "_micro"
+"""Where the daemon keeps its own records (accounts, rules, config trees, runtime services).
+
+Not a valid namespace name, so the store block, which only opens namespaces'
+databases, can never reach it: a user of namespace ``micro`` must not read the
+accounts' secret hashes or another namespace's config.
+"""
+
 
 @dataclass(frozen=True)
 class Field:

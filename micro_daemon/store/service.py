@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from micro.context import DEFAULT_NAMESPACE, Context
 from micro.errors import BadRequest, PayloadTooLarge
 from micro.proto import store_pb2
+from micro_daemon.auth.namespaces import is_admin
 from micro_daemon.namespaces import target_namespace
-from micro_daemon.store.backend import Field, Order, Query, Record, StoreBackend
+from micro_daemon.store.backend import SYSTEM_DATABASE, Field, Order, Query, Record, StoreBackend
 
 __all__ = ["MAX_KEY_BYTES", "MAX_VALUE_BYTES", "StoreHandler"]
 
@@ -93,8 +94,10 @@ class StoreHandler:
     async def Databases(
         self, request: store_pb2.DatabasesRequest, context: Context
     ) -> store_pb2.DatabasesResponse:
-        databases = await self.backend.databases()
-        if context.namespace != DEFAULT_NAMESPACE:
+        databases = [d for d in await self.backend.databases() if d != SYSTEM_DATABASE]
+        account = context.account
+        every = context.namespace == DEFAULT_NAMESPACE and account is not None and is_admin(account)
+        if not every:  # from namespace micro, its administrators see every namespace's database
             databases = [d for d in databases if d == context.namespace]
         return store_pb2.DatabasesResponse(databases=databases)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-BLOCKS = ["broker", "config", "events", "registry", "runtime", "store"]
+BLOCKS = ["auth", "broker", "config", "events", "registry", "runtime", "store"]
 
 
 def test_services_lists_the_building_blocks(micro_server, micro_cli):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from micro.auth import AuthClient
 from micro.client import Client
 from micro.config import ConfigClient
+from micro.credentials import StaticToken
 from micro.debug import DebugClient
 from micro.errors import BadRequest, ConnectError, Forbidden, NotFound, PayloadTooLarge, SetupError
 from micro.home import Home
@@ -72,9 +74,16 @@ async def test_empty_and_oversized_keys_are_bad_requests(client: Client) -> None
         await store.write("big", b"x" * (9 * 1024 * 1024))
 
 
-async def test_namespaces_partition_the_store(daemon: Daemon) -> None:
-    a = Client(GrpcTransport(daemon.address), namespace="team-a")
-    b = Client(GrpcTransport(daemon.address), namespace="team-b")
+async def test_namespaces_partition_the_store(daemon: Daemon, client: Client) -> None:
+    tokens = []
+    for namespace in ("team-a", "team-b"):
+        auth = AuthClient(client)
+        await auth.generate("member", secret="member-secret", namespace=namespace)
+        tokens.append(
+            (await auth.token(id="member", secret="member-secret", namespace=namespace)).access_token
+        )
+    a = Client(GrpcTransport(daemon.address), namespace="team-a", credentials=StaticToken(tokens[0]))
+    b = Client(GrpcTransport(daemon.address), namespace="team-b", credentials=StaticToken(tokens[1]))
     try:
         await StoreClient(a).write("k", b"from a")
         with pytest.raises(NotFound):
@@ -131,7 +140,7 @@ async def test_config_secrets_are_masked(client: Client) -> None:
 
 async def test_blocks_register_with_endpoints_and_schema(client: Client) -> None:
     names = [s.name for s in await RegistryClient(client).list_services()]
-    assert names == ["broker", "config", "events", "registry", "runtime", "store"]
+    assert names == ["auth", "broker", "config", "events", "registry", "runtime", "store"]
     [store] = await RegistryClient(client).get_service("store")
     endpoints = {e.name for e in store.endpoints}
     assert {"Store.Read", "Store.List", "Debug.Health"} <= endpoints

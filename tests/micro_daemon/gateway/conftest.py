@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
@@ -12,6 +13,7 @@ import aiohttp
 import pytest
 
 from micro import Context, Service, errors
+from micro.home import Home
 from micro_daemon.app import Daemon
 from micro_daemon.gateway import Gateway
 
@@ -79,8 +81,10 @@ def base(daemon: Daemon) -> str:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+async def http(daemon: Daemon) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client signed in as the local owner (the building blocks want an account)."""
+    owner = json.loads(Home.from_env().owner_token.read_text())["access_token"]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {owner}"}) as session:
         yield session
 
 
