@@ -17,8 +17,8 @@ A subscriber whose queue stays full, or whose pending queue overflows, is
 dropped: it yields what its own queue holds, then ``TooManyRequests``. NATS
 cannot count deliveries, so ``publish`` returns 0.
 
-The connection helpers here (``connect``, ``parse_address``, ``shown_address``,
-``map_nats_exceptions``) are shared with the NATS KV registry.
+The connection helpers here (``connect``, ``check_connected``, ``parse_address``,
+``shown_address``, ``map_nats_exceptions``) are shared with the NATS KV registry.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_PREFIX",
     "NatsBroker",
+    "check_connected",
     "connect",
     "map_nats_exceptions",
     "open_nats",
@@ -110,6 +111,7 @@ async def connect(
     id: str,
     error_cb: ErrorCallback | None = None,
     closed_cb: ClosedCallback | None = None,
+    reconnected_cb: ClosedCallback | None = None,
 ) -> NATS:
     """Connect to the NATS servers of ``url``, or raise ``SetupError`` naming them (without credentials).
 
@@ -135,6 +137,7 @@ async def connect(
             reconnect_time_wait=0.1,
             error_cb=on_error,
             closed_cb=closed_cb,
+            reconnected_cb=reconnected_cb,
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         cause = last_error[0] if last_error else exc
@@ -159,7 +162,17 @@ def map_nats_exceptions(id: str, address: str) -> Iterator[None]:
     except nats.errors.MaxPayloadError as exc:
         raise PayloadTooLarge(f"message is larger than the NATS server at {address} accepts", id=id) from exc
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise ServiceUnavailable(f"NATS at {address} is unavailable: {_describe(exc)}", id=id) from exc
+        raise ServiceUnavailable(
+            f"{id} engine: NATS at {address} is unavailable: {_describe(exc)}", id=id
+        ) from exc
+
+
+def check_connected(connection: NATS, id: str, address: str) -> None:
+    """Raise ``ServiceUnavailable`` at once while ``connection`` is down (a call would only time out)."""
+    if connection.is_closed:
+        raise ServiceUnavailable(f"{id} engine: the connection to NATS at {address} is closed", id=id)
+    if not connection.is_connected:
+        raise ServiceUnavailable(f"{id} engine: not connected to NATS at {address} (reconnecting)", id=id)
 
 
 def parse_address(address: str, *, block: str, options: tuple[str, ...]) -> tuple[str, dict[str, str]]:
@@ -339,6 +352,7 @@ class NatsBroker(BrokerBackend):
         self._check_open()
         validate_topic(topic)
         _validate_queue(queue)
+        check_connected(self._connection, ERROR_ID, self._address)
         inbox = _Inbox(self._buffer)
 
         async def receive(message: Msg) -> None:

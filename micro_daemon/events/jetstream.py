@@ -31,6 +31,10 @@ Delivery is at least once: a daemon that dies holding events, or before its
 automatic acks reached the server, has them redelivered after the server's
 ack wait. An event is durable once JetStream acknowledged it (written to the
 server, and with replicas to a quorum).
+
+While the connection to NATS is down (the client reconnects for as long as it
+takes), calls fail at once with ``ServiceUnavailable`` rather than time out;
+open consumers wait, and go on once it is back.
 """
 
 from __future__ import annotations
@@ -321,6 +325,7 @@ class JetStreamEvents(EventsBackend):
     def _check_open(self) -> None:
         if self._closed:
             raise ServiceUnavailable("events engine is closed", id=ERROR_ID)
+        self.link.check_connected()
 
     def _check(self, entry: Entry) -> None:
         check_item(entry.item, self.max_event_bytes)

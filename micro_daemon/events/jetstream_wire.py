@@ -91,13 +91,17 @@ def map_nats_exceptions(address: str) -> Iterator[None]:
     try:
         yield
     except ApiError as exc:
-        raise ServiceUnavailable(f"JetStream at {address}: {exc.description}", id=ERROR_ID) from exc
+        raise _unavailable(f"JetStream at {address}: {exc.description}") from exc
     except nats.errors.ConnectionClosedError as exc:
-        raise ServiceUnavailable(f"the connection to NATS at {address} is closed", id=ERROR_ID) from exc
+        raise _unavailable(f"the connection to NATS at {address} is closed") from exc
     except (nats.errors.TimeoutError, TimeoutError) as exc:
-        raise ServiceUnavailable(f"NATS at {address} did not answer in time", id=ERROR_ID) from exc
+        raise _unavailable(f"NATS at {address} did not answer in time") from exc
     except nats.errors.Error as exc:
-        raise ServiceUnavailable(f"NATS at {address}: {exc}", id=ERROR_ID) from exc
+        raise _unavailable(f"NATS at {address}: {exc}") from exc
+
+
+def _unavailable(detail: str) -> ServiceUnavailable:
+    return ServiceUnavailable(f"events engine: {detail}", id=ERROR_ID)
 
 
 def rfc3339(ns: int) -> str:
@@ -255,6 +259,13 @@ class Link:
     @property
     def connected(self) -> bool:
         return self.nc.is_connected
+
+    def check_connected(self) -> None:
+        """Raise ``ServiceUnavailable`` at once while the connection is down, rather than time out."""
+        if self.nc.is_closed:
+            raise _unavailable(f"the connection to NATS at {self.address} is closed")
+        if not self.nc.is_connected:
+            raise _unavailable(f"not connected to NATS at {self.address} (reconnecting)")
 
     def new_inbox(self) -> str:
         return self.nc.new_inbox()

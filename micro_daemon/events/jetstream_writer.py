@@ -127,6 +127,7 @@ class NamespaceWriter:
     async def _write(self, burst: list[Entry]) -> None:
         pending = burst
         for attempt in range(MAX_ROUNDS):
+            self.link.check_connected()  # a round would only time out
             if self._last_seq is None:
                 self._last_seq = await self._load_last_seq()
             await self._learn({entry.item.topic for entry in pending})

@@ -27,7 +27,10 @@ Reads and watches: each registry follows the bucket with a KV watcher
 watch events come from its changes, whichever daemon wrote them. A write
 returns only once the copy has seen it, so a daemon reads its own writes and
 its watchers have the event before the call returns. Other daemons' writes
-arrive as fast as NATS delivers them.
+arrive as fast as NATS delivers them. While the connection to NATS is down
+(the client reconnects for as long as it takes), writes fail at once with
+``ServiceUnavailable`` and reads answer from the copy as it was, whose nodes
+lapse as their deadlines pass, since nobody can renew them.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from micro.errors import BadRequest, NotFound, ServiceUnavailable, SetupError
 from micro.proto import registry_pb2
 from micro_daemon.broker.nats import (
     DEFAULT_PREFIX,
+    check_connected,
     connect,
     map_nats_exceptions,
     parse_address,
@@ -85,6 +89,7 @@ _MAX_KEY = 1024  # bytes; the key travels in the NATS protocol line, which the s
 _ATTEMPTS = 20  # compare-and-set retries before giving up on a contended key
 _SYNC_TIMEOUT = 30.0  # seconds to read the bucket at start-up
 _SEEN_TIMEOUT = 10.0  # seconds for our own write to come back through the watcher
+_REFOLLOW_DELAY = 0.5  # seconds between tries to watch the bucket again after a reconnect
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's error codes, as KeyValue.update() reads them
 _SAFE = re.compile(r"[A-Za-z0-9_-]")
 _ESCAPE = re.compile(r"=([0-9A-F]{2})|([A-Za-z0-9_-])")
@@ -189,6 +194,7 @@ class NatsKVRegistry(RegistryBackend):
         self._seen: list[tuple[int, asyncio.Future[None]]] = []
         self._synced = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
+        self._refollowing: asyncio.Task[None] | None = None
         self._closed = False
         self._lost = ""  # why the copy went stale (the connection closed under us), if it did
 
@@ -214,7 +220,13 @@ class NatsKVRegistry(RegistryBackend):
             if registry is not None:
                 registry._on_closed()
 
-        connection = await connect(url, name="micro-registry", id=_ERROR_ID, closed_cb=on_closed)
+        async def on_reconnected() -> None:
+            if registry is not None:
+                registry._on_reconnected()
+
+        connection = await connect(
+            url, name="micro-registry", id=_ERROR_ID, closed_cb=on_closed, reconnected_cb=on_reconnected
+        )
         try:
             try:
                 kv = await _bucket(connection, bucket, replicas)
@@ -299,6 +311,10 @@ class NatsKVRegistry(RegistryBackend):
             return
         self._closed = True
         self._hub.close()
+        if self._refollowing is not None:
+            self._refollowing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refollowing
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -320,6 +336,7 @@ class NatsKVRegistry(RegistryBackend):
         dropped = 0
         for attempt in range(_ATTEMPTS):
             self._check_open()
+            check_connected(self._connection, _ERROR_ID, self._address)
             with map_nats_exceptions(_ERROR_ID, self._address):
                 current, revision = await self._load(key)
                 try:
@@ -393,6 +410,34 @@ class NatsKVRegistry(RegistryBackend):
         watcher = await self._kv.watchall()
         self._follower = asyncio.get_running_loop().create_task(self._apply_all(watcher))
         await asyncio.wait_for(self._synced.wait(), _SYNC_TIMEOUT)
+
+    def _on_reconnected(self) -> None:
+        # A restarted server has lost the watcher's ephemeral consumer: nats-py would notice only
+        # after two missed heartbeats (10 s), and writes wait to see themselves come back.
+        if not self._closed and not self._lost:
+            log.info(
+                "reconnected to NATS at %s: following registry bucket %s again", self._address, self._bucket
+            )
+            if self._refollowing is not None:
+                self._refollowing.cancel()
+            self._refollowing = asyncio.get_running_loop().create_task(self._follow_again())
+
+    async def _follow_again(self) -> None:
+        """Replace the watcher with a new one, which delivers every key again (applied idempotently)."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        while not self._closed and not self._lost:
+            try:
+                watcher = await self._kv.watchall()
+            except (TimeoutError, nats.errors.Error) as exc:  # JetStream may still be starting
+                log.debug("watching registry bucket %s again failed: %s", self._bucket, exc)
+                await asyncio.sleep(_REFOLLOW_DELAY)
+                continue
+            self._follower = asyncio.get_running_loop().create_task(self._apply_all(watcher))
+            return
 
     async def _apply_all(self, watcher: KeyValue.KeyWatcher) -> None:
         try:

@@ -292,6 +292,10 @@ async def test_consumers_resume_after_nats_restarts(private_nats: tuple[str, lis
                 break
             await asyncio.sleep(0.05)
         assert await events.health() == f"not connected to NATS at {url}"
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(ServiceUnavailable, match=f"events engine: not connected to NATS at {url}"):
+            await events.publish(NS, "t", b"during")
+        assert asyncio.get_running_loop().time() - began < 1  # at once, not after a timeout
         server = await _serve(command)
         second = await asyncio.wait_for(anext(consumer), 10)
         assert second.sequence == 2

@@ -27,6 +27,7 @@ from micro.testing.registry import RegistryContract, node_ids, svc
 from micro_daemon.engines import open_engine
 from micro_daemon.registry.backend import RegistryBackend, Watcher
 from micro_daemon.registry.nats_kv import NatsKVRegistry, _token, _untoken, bucket_key, open_nats_kv
+from tests._engines import PrivateNats
 
 TTL = 60.0
 TIMEOUT = 5.0
@@ -273,6 +274,43 @@ async def test_a_lost_connection_ends_watchers_and_refuses_calls(opened) -> None
         await registry.register("micro", svc("helloworld", "v1", "a"), TTL)
     with pytest.raises(ServiceUnavailable, match="closed"):
         await registry.list_services("micro")
+
+
+async def test_a_restarted_nats_refuses_writes_at_once_then_serves_them_again(tmp_path: Path) -> None:
+    server = PrivateNats(tmp_path)
+    server.start()
+    try:
+        registry = await NatsKVRegistry.open(server.url, bucket="micro_registry")
+        watcher = registry.watch("micro")
+        await registry.register("micro", svc("helloworld", "v1", "a"), TTL)
+        assert await event(watcher) == ("create", "v1", ["a"])
+        await asyncio.to_thread(server.stop)
+
+        async def disconnected() -> bool:
+            return not registry._connection.is_connected
+
+        await eventually(disconnected)
+
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(ServiceUnavailable, match="registry engine: not connected to NATS at nats://"):
+            await registry.register("micro", svc("helloworld", "v1", "b"), TTL)
+        assert asyncio.get_running_loop().time() - began < 1
+        assert node_ids((await registry.get_service("micro", "helloworld"))[0]) == ["a"]  # the copy
+
+        await asyncio.to_thread(server.start)
+        # Following the bucket again at once: a write sees itself come back (not after 10 s of
+        # missed heartbeats), and the watchers go on.
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                try:
+                    await registry.register("micro", svc("helloworld", "v1", "c"), TTL)
+                    break
+                except ServiceUnavailable:
+                    await asyncio.sleep(0.1)
+        assert await event(watcher) == ("update", "v1", ["a", "c"])
+        await registry.close()
+    finally:
+        server.close()
 
 
 async def test_unreachable_nats_is_a_setup_error_without_credentials() -> None:
