@@ -22,13 +22,14 @@ from typing import Any
 
 import pytest
 
-from micro.home import Home, write_private
+from micro.home import Home
 
 # The conformance suites in micro.testing are assert-based: let pytest explain their failures.
 pytest.register_assert_rewrite("micro.testing.contracts", "micro.testing.messaging", "micro.testing.registry")
 
-__all__ = ["DaemonThread", "Outcome", "seed_auth_key"]
+__all__ = ["DaemonThread", "Outcome", "session_auth_key"]
 
+PRIVATE_KEY_ENV = "MICRO_AUTH_PRIVATE_KEY"
 _ISOLATED_VARIABLES = ("MICRO_ENV", "MICRO_NAMESPACE", "MICRO_PROFILE", "MICRO_STORE_ADDRESS", "MICRO_PROXY")
 
 
@@ -40,29 +41,26 @@ def micro_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MICRO_API_ADDRESS", "127.0.0.1:0")
     for name in _ISOLATED_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    seed_auth_key(Home.from_env().config_dir)
+    monkeypatch.setenv(PRIVATE_KEY_ENV, session_auth_key().decode())
     return home
 
 
 _auth_key: bytes | None = None
 
 
-def seed_auth_key(config_dir: Path) -> None:
-    """Give the home of ``config_dir`` this test session's auth key pair, as if a daemon had made it there.
+def session_auth_key() -> bytes:
+    """This test session's auth private key (PEM), given to every daemon through its variable.
 
     A daemon makes a 3072-bit RSA key at its first start, about half a second
-    here: once per session instead of once per test.
+    here: once per session instead of once per test. The runtime never passes
+    the variable on to services.
     """
     global _auth_key
     if _auth_key is None:
         from micro_daemon.auth.keys import KeyPair
 
         _auth_key = KeyPair.generate().private_pem()
-    from micro_daemon.auth.keys import KEY_DIR, PRIVATE_FILE
-
-    folder = config_dir / KEY_DIR
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_private(folder / PRIVATE_FILE, _auth_key)
+    return _auth_key
 
 
 class DaemonThread:

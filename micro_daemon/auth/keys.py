@@ -92,6 +92,11 @@ class KeyPair:
             write_private(public_path, pair.public_pem)
         return pair
 
+    @classmethod
+    def from_pem(cls, data: bytes, source: str) -> KeyPair:
+        """The pair of an unencrypted PEM private key; ``SetupError`` naming ``source`` if it is not one."""
+        return cls.from_private_key(_parse_private(data, source))
+
     def private_pem(self) -> bytes:
         return self.private_key.private_bytes(
             serialization.Encoding.PEM,

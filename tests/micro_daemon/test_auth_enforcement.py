@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -32,6 +31,7 @@ from micro.proto import registry_pb2
 from micro.registry import RegistryClient
 from micro.runtime import RuntimeClient
 from micro.store import StoreClient
+from micro.testing.pytest import session_auth_key
 from micro.transport import GrpcTransport
 from micro_daemon.app import Daemon
 from micro_daemon.auth.keys import KeyPair
@@ -129,8 +129,8 @@ async def test_alg_none_is_refused(daemon: Daemon) -> None:
     assert "algorithm" in error.detail
 
 
-async def test_hs256_signed_with_the_public_key_is_refused(daemon: Daemon, micro_home: Path) -> None:
-    public = (micro_home / "config" / "auth" / "public_key.pem").read_bytes()
+async def test_hs256_signed_with_the_public_key_is_refused(daemon: Daemon) -> None:
+    public = KeyPair.from_pem(session_auth_key(), "the test key").public_pem
     header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
     body = base64.urlsafe_b64encode(json.dumps(claims()).encode()).rstrip(b"=")
     signature = hmac.new(public, header + b"." + body, hashlib.sha256).digest()

@@ -21,8 +21,10 @@ from micro.client import Client
 from micro.context import Context
 from micro.credentials import StaticToken
 from micro.errors import Forbidden, Unauthorized
+from micro.testing.pytest import session_auth_key
 from micro.transport import GrpcTransport
 from micro_daemon.app import Daemon
+from micro_daemon.auth.keys import KeyPair
 
 CALL = "/greeter.Greeter/Call"
 
@@ -49,9 +51,8 @@ async def greeter(
                 yield pb.Pong()
 
     monkeypatch.setenv("MICRO_PROXY", daemon.address)
-    monkeypatch.setenv(
-        "MICRO_AUTH_PUBLIC_KEY", (micro_home / "config" / "auth" / "public_key.pem").read_text()
-    )
+    public_key = KeyPair.from_pem(session_auth_key(), "the test key").public_pem.decode()
+    monkeypatch.setenv("MICRO_AUTH_PUBLIC_KEY", public_key)
     service = Service("greeter")
     service.handle(Greeter())
     await service.start()
