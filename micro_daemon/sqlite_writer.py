@@ -2,10 +2,18 @@
 
 Writes are queued to a single writer thread, which applies everything queued in
 one transaction, each write in its own savepoint, and resolves the callers'
-futures only after the commit: concurrent writes share one fsync
-(``synchronous=FULL``, so a write survives power loss, not only a process
-kill). Reads run on a few read-only connections in worker threads; WAL lets
-them proceed while a write commits. Nothing here blocks the event loop.
+futures only after the commit: concurrent writes share one fsync (with
+``synchronous=FULL``, the default, a write survives power loss; with
+``NORMAL`` a commit does not fsync, and survives a process kill but maybe not
+a power loss). Reads run on a few read-only connections in worker threads; WAL
+lets them proceed while a write commits. Nothing here blocks the event loop.
+
+With ``NORMAL``, a short write may instead commit on the calling thread (the
+event loop) when the writer thread is idle: without an fsync it takes tens of
+microseconds, less than the hop to the thread and back. Checkpoints, which do
+fsync, then never run there: such a connection does not checkpoint by itself
+(``wal_autocheckpoint=0``), and the writer thread, which every
+``_INLINE_EVERY``-th short write goes through, checkpoints as SQLite would.
 
 Both embedded engines are built on it: the store's
 (``micro_daemon.store.backends.sqlite``) and the events'
@@ -37,6 +45,8 @@ logger = logging.getLogger(__name__)
 _MAX_BATCH = 1000
 _READERS = 4
 _BUSY_TIMEOUT = 5.0
+_INLINE_EVERY = 64
+_CHECKPOINT_PAGES = 1000  # SQLite's default wal_autocheckpoint
 
 
 @contextlib.contextmanager
@@ -57,7 +67,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
 
 
-def _prepare(path: Path, schema: str, block: str) -> sqlite3.Connection:
+def _prepare(path: Path, schema: str, block: str, synchronous: str) -> sqlite3.Connection:
     """Create the file (0600, in a 0700 directory if new) and schema; return the writer connection."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
@@ -70,8 +80,10 @@ def _prepare(path: Path, schema: str, block: str) -> sqlite3.Connection:
             if mode != "wal":
                 raise ServiceUnavailable(f"{path}: WAL mode unavailable (got {mode})", id=block)
             # FULL: each commit fsyncs the WAL, so a write survives power loss, not only a process
-            # kill (NORMAL would do for that). Group commit spreads the fsync over a whole batch.
-            conn.execute("PRAGMA synchronous=FULL")
+            # kill (NORMAL does for that). Group commit spreads the fsync over a whole batch.
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            if synchronous == "NORMAL":  # inline commits must not checkpoint (see the module docstring)
+                conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript(schema)
     except BaseException:
         conn.close()
@@ -86,14 +98,21 @@ class _Write:
 
 
 class _Writer(threading.Thread):
-    """Owns the only writing connection; commits whatever is queued as one transaction."""
+    """Owns the only writing connection; commits whatever is queued as one transaction.
 
-    def __init__(self, conn: sqlite3.Connection, block: str) -> None:
+    ``lock`` is held while the connection is in use, by this thread or by an
+    inline write on the event loop (``try_inline``, ``apply_inline``).
+    """
+
+    def __init__(self, conn: sqlite3.Connection, block: str, *, inline: bool) -> None:
         super().__init__(name=f"micro-{block}-writer", daemon=True)
         self.conn = conn
         self.block = block
+        self.inline = inline
         self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
         self.commits = 0
+        self._short_writes = 0
 
     def run(self) -> None:
         try:
@@ -101,13 +120,44 @@ class _Writer(threading.Thread):
                 pass
         finally:
             self._fail_leftovers()
-            self.conn.close()
+            with self.lock:
+                self.conn.close()
+
+    def try_inline(self) -> bool:
+        """Take the connection for a short write on the calling thread, if nothing waits for it."""
+        if not self.inline or not self.queue.empty():
+            return False
+        self._short_writes += 1
+        if self._short_writes % _INLINE_EVERY == 0:
+            return False  # through the thread, which checkpoints
+        return self.lock.acquire(blocking=False)
+
+    def apply_inline(self, apply: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``apply`` in a transaction of its own, after ``try_inline`` took the connection."""
+        try:
+            with map_sqlite_exceptions(self.block):
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = apply(self.conn)
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+        except MicroError:
+            raise
+        except Exception as exc:
+            raise self._copy_error(exc) from exc
+        finally:
+            self.lock.release()
+        self.commits += 1
+        return result
 
     def _step(self) -> bool:
         batch, running = self._take()
         writes = [write for write in batch if write.future.set_running_or_notify_cancel()]
         if writes:
-            self._commit(writes)
+            with self.lock:
+                self._commit(writes)
         return running
 
     def _take(self) -> tuple[list[_Write], bool]:
@@ -130,7 +180,11 @@ class _Writer(threading.Thread):
             with map_sqlite_exceptions(self.block):
                 self.conn.execute("BEGIN IMMEDIATE")
                 outcomes = [self._apply(write) for write in writes]
+                if self.inline:  # this commit checkpoints if the WAL has grown past SQLite's default
+                    self.conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
                 self.conn.execute("COMMIT")
+                if self.inline:
+                    self.conn.execute("PRAGMA wal_autocheckpoint=0")
         except Exception as exc:
             self._rollback()
             for write in writes:
@@ -216,13 +270,17 @@ class SQLiteFile:
     ``await SQLiteFile(path, schema, block="events").open()`` creates the file
     (0600) and the schema; ``write(apply)`` runs ``apply(conn)`` inside the
     writer's next transaction and returns its result once committed; ``read``
-    runs a function on a read connection in a worker thread. Errors are
+    runs a function on a read connection in a worker thread. ``synchronous``:
+    ``FULL`` or ``NORMAL`` (see the module docstring). Errors are
     ``micro.errors`` with ``id=block``.
     """
 
-    def __init__(self, path: Path, schema: str, *, block: str) -> None:
+    def __init__(self, path: Path, schema: str, *, block: str, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.path = path
         self.block = block
+        self.synchronous = synchronous
         self._schema = schema
         self._writer: _Writer | None = None
         self._readers = _ReaderPool(path, block)
@@ -236,8 +294,8 @@ class SQLiteFile:
 
     async def open(self) -> SQLiteFile:
         """Create the file and schema if needed and start the threads."""
-        conn = await asyncio.to_thread(_prepare, self.path, self._schema, self.block)
-        self._writer = _Writer(conn, self.block)
+        conn = await asyncio.to_thread(_prepare, self.path, self._schema, self.block, self.synchronous)
+        self._writer = _Writer(conn, self.block, inline=self.synchronous == "NORMAL")
         self._writer.start()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             _READERS, thread_name_prefix=f"micro-{self.block}-read"
@@ -261,16 +319,20 @@ class SQLiteFile:
             raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
         return self._readers.run(read)
 
-    async def write(self, apply: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, apply: Callable[[sqlite3.Connection], T], *, short: bool = False) -> T:
         """Run ``apply(conn)`` in the writer's next transaction; return its result once durable.
 
-        Cancelling the caller before the writer takes the write drops it; after
-        that, the write still commits.
+        ``short``: a write of a few rows, which with ``NORMAL`` may commit on
+        the calling thread (see the module docstring). Cancelling the caller
+        before the writer takes the write drops it; after that, the write
+        still commits.
         """
         if self._closed or self._writer is None:
             raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
         if not self._writer.is_alive():
             raise ServiceUnavailable(f"{self.block} writer thread stopped", id=self.block)
+        if short and self._writer.try_inline():
+            return self._writer.apply_inline(apply)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._writer.queue.put(_Write(apply, future))
         return await asyncio.wrap_future(future)

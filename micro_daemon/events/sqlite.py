@@ -1,10 +1,15 @@
 """The SQLite events backend: the embedded engine over one WAL-mode file.
 
 Writes (appends, group positions, dead letters) go through one writer thread
-with group commit and ``synchronous=FULL`` (``micro_daemon.sqlite_writer``):
-concurrent publishers share an fsync, and ``publish`` returns once its event
-is durable. Reads run on reader threads; consumers fetch in batches of
-``group.FETCH_ROWS`` rows, so replay costs one query per batch.
+with group commit (``micro_daemon.sqlite_writer``), and ``publish`` returns
+once its event is committed. Durability is the address's ``synchronous``
+option: ``normal`` (the default) commits without an fsync, so a published
+event survives the daemon being killed but maybe not a power loss, as
+JetStream's file store with its default sync interval; ``full``
+(``sqlite://?synchronous=full``) fsyncs every commit, shared by the
+publishers that commit together, and survives power loss too. Reads run on
+reader threads; consumers fetch in batches of ``group.FETCH_ROWS`` rows, so
+replay costs one query per batch.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+from micro.errors import SetupError
 from micro.proto import events_pb2
 from micro_daemon.events.backend import ERROR_ID, MAX_EVENT_BYTES, Retention
 from micro_daemon.events.engine import EmbeddedEvents
@@ -63,6 +70,10 @@ CREATE TABLE IF NOT EXISTS pending (
 """
 _EVENT = "seq, id, ts, metadata, payload"
 _TRIM_CHUNK = 5000
+# A commit at most this big may run on the event loop: about a hundred microseconds without an fsync.
+_SHORT_APPENDS = 16
+_SHORT_ROWS = 64
+_SHORT_BYTES = 64 * 1024
 _NO_METADATA = "{}"
 
 
@@ -197,6 +208,13 @@ def _trim_count(conn: sqlite3.Connection, default: Retention, overrides: Mapping
     return removed
 
 
+def _short(appends: Sequence[Append], groups: Sequence[GroupWrite]) -> bool:
+    """Whether a commit is small enough to run on the event loop (``SQLiteFile.write``)."""
+    if len(appends) > _SHORT_APPENDS or sum(len(g.upsert) + len(g.delete) for g in groups) > _SHORT_ROWS:
+        return False
+    return sum(len(append.payload) for append in appends) <= _SHORT_BYTES
+
+
 class _SQLiteLog(EventLog):
     def __init__(self, file: SQLiteFile) -> None:
         self.file = file
@@ -204,7 +222,9 @@ class _SQLiteLog(EventLog):
     async def commit(
         self, namespace: str, appends: Sequence[Append], groups: Sequence[GroupWrite]
     ) -> list[tuple[int, int]]:
-        return await self.file.write(lambda conn: _commit(conn, namespace, appends, groups))
+        return await self.file.write(
+            lambda conn: _commit(conn, namespace, appends, groups), short=_short(appends, groups)
+        )
 
     async def last_seq(self, namespace: str, topic: str) -> int:
         return await self.file.read(lambda conn: _last_seq(conn, namespace, topic))
@@ -270,10 +290,11 @@ class _SQLiteLog(EventLog):
 
 
 class SQLiteEvents(EmbeddedEvents):
-    """Events in one SQLite file (WAL, ``synchronous=FULL``), created 0600.
+    """Events in one SQLite file (WAL), created 0600.
 
     ``events = await SQLiteEvents(path).open()``; ``close()`` ends the
-    consumers, saves their groups and releases the file.
+    consumers, saves their groups and releases the file. ``synchronous``:
+    ``NORMAL`` or ``FULL`` (see the module docstring).
     """
 
     def __init__(
@@ -283,9 +304,10 @@ class SQLiteEvents(EmbeddedEvents):
         retention: Retention | None = None,
         retention_overrides: Mapping[str, Retention] | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        synchronous: str = "NORMAL",
     ) -> None:
         self.path = path
-        self.file = SQLiteFile(path, _SCHEMA, block=ERROR_ID)
+        self.file = SQLiteFile(path, _SCHEMA, block=ERROR_ID, synchronous=synchronous)
         self._sqlite_log = _SQLiteLog(self.file)
         super().__init__(
             self._sqlite_log,
@@ -304,10 +326,14 @@ class SQLiteEvents(EmbeddedEvents):
 
 
 async def open_sqlite(address: str, data_dir: Path, **options: Any) -> SQLiteEvents:
-    """The ``sqlite`` events engine: ``sqlite:///abs/path.db``, or ``events.db`` in the data directory."""
-    path = (
-        Path(address.removeprefix("sqlite://"))
-        if address.startswith("sqlite:///")
-        else data_dir / "events.db"
-    )
-    return await SQLiteEvents(path, **options).open()
+    """The ``sqlite`` events engine: ``sqlite:///abs/path.db``, or ``events.db`` in the data directory;
+    ``?synchronous=full`` fsyncs every commit (default ``normal``, see the module docstring)."""
+    parts = urlsplit(address if "://" in address else "")
+    query = {key.lower(): values[-1].upper() for key, values in parse_qs(parts.query).items()}
+    synchronous = query.pop("synchronous", "NORMAL")
+    if query or synchronous not in ("NORMAL", "FULL"):
+        raise SetupError(
+            f"the events address {address!r} takes only ?synchronous=normal or ?synchronous=full"
+        )
+    path = Path(parts.path) if parts.path.startswith("/") else data_dir / "events.db"
+    return await SQLiteEvents(path, synchronous=synchronous, **options).open()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from micro.errors import ServiceUnavailable
+from micro.errors import ServiceUnavailable, SetupError
 from micro_daemon.events.backend import ConsumeSpec, PublishItem, Retention, Start
 from micro_daemon.events.sqlite import SQLiteEvents, open_sqlite
 
@@ -56,6 +56,32 @@ async def test_open_sqlite_picks_the_path(tmp_path: Path) -> None:
     assert await default.health() != "ok"
     with pytest.raises(ServiceUnavailable):
         await default.publish(NS, "t", b"x")
+
+
+async def _synchronous(events: SQLiteEvents) -> int:
+    def read(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    return await events.file.write(read)
+
+
+@pytest.mark.parametrize(
+    ("address", "level"),
+    [("sqlite", 1), ("sqlite://?synchronous=full", 2), ("sqlite://?synchronous=NORMAL", 1)],
+)
+async def test_open_sqlite_takes_the_synchronous_mode(tmp_path: Path, address: str, level: int) -> None:
+    events = await open_sqlite(address, tmp_path)
+    try:
+        assert events.path == tmp_path / "events.db"
+        assert await _synchronous(events) == level  # 1: NORMAL, 2: FULL
+    finally:
+        await events.close()
+
+
+@pytest.mark.parametrize("address", ["sqlite://?synchronous=off", "sqlite://?sync=full"])
+async def test_open_sqlite_refuses_unknown_options(tmp_path: Path, address: str) -> None:
+    with pytest.raises(SetupError, match="synchronous"):
+        await open_sqlite(address, tmp_path)
 
 
 async def test_concurrent_publishes_share_commits(events: SQLiteEvents) -> None:

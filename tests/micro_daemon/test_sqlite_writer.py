@@ -1,0 +1,113 @@
+"""The SQLite file behind the embedded engines: group commit, and short writes on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from micro.errors import BadRequest, InternalServerError
+from micro_daemon import sqlite_writer
+from micro_daemon.sqlite_writer import SQLiteFile
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v BLOB NOT NULL);"
+
+
+async def _open(tmp_path: Path, synchronous: str) -> SQLiteFile:
+    return await SQLiteFile(tmp_path / "t.db", SCHEMA, block="test", synchronous=synchronous).open()
+
+
+@pytest.fixture
+async def normal(tmp_path: Path) -> AsyncIterator[SQLiteFile]:
+    file = await _open(tmp_path, "NORMAL")
+    yield file
+    await file.close()
+
+
+def _insert(key: int, value: bytes = b"x") -> tuple[list[str], Callable[[sqlite3.Connection], int]]:
+    threads: list[str] = []
+
+    def apply(conn: sqlite3.Connection) -> int:
+        threads.append(threading.current_thread().name)
+        conn.execute("INSERT INTO t VALUES (?, ?)", (key, value))
+        return key
+
+    return threads, apply
+
+
+async def _count(file: SQLiteFile) -> int:
+    return int((await file.read(lambda conn: conn.execute("SELECT count(*) FROM t").fetchone()))[0])
+
+
+async def test_short_writes_commit_on_the_loop_when_the_writer_is_idle(normal: SQLiteFile) -> None:
+    threads, apply = _insert(1)
+    assert await normal.write(apply, short=True) == 1
+    assert threads == [threading.current_thread().name]
+    threads, apply = _insert(2)
+    assert await normal.write(apply) == 2
+    assert threads == ["micro-test-writer"]
+    assert await _count(normal) == 2
+
+
+async def test_every_so_many_short_writes_go_through_the_writer(normal: SQLiteFile) -> None:
+    names = []
+    for key in range(sqlite_writer._INLINE_EVERY * 2):
+        threads, apply = _insert(key)
+        await normal.write(apply, short=True)
+        names += threads
+    assert names.count("micro-test-writer") == 2
+    assert await _count(normal) == sqlite_writer._INLINE_EVERY * 2
+
+
+async def test_the_wal_is_checkpointed_with_short_writes_only(normal: SQLiteFile) -> None:
+    wal = normal.path.with_name("t.db-wal")
+    for key in range(3000):  # about 6,000 pages of 4 KiB: several checkpoints' worth
+        _, apply = _insert(key, b"x" * 8000)
+        await normal.write(apply, short=True)
+    # Restarted after checkpoints: far smaller than the 24 MB written.
+    assert wal.stat().st_size < 12 * 1024 * 1024
+
+
+async def test_concurrent_writes_queue_behind_the_writer(normal: SQLiteFile) -> None:
+    applies = [_insert(key) for key in range(200)]
+    results = await asyncio.gather(*(normal.write(apply, short=True) for _, apply in applies))
+    assert sorted(results) == list(range(200))
+    assert await _count(normal) == 200
+
+
+async def test_a_failing_short_write_rolls_back_and_maps_its_error(normal: SQLiteFile) -> None:
+    def half(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (1, x'00')")
+        conn.execute("INSERT INTO t VALUES (1, x'00')")  # a duplicate key
+
+    with pytest.raises(InternalServerError):
+        await normal.write(half, short=True)
+
+    def refuse(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (2, x'00')")
+        raise BadRequest("no", id="test")
+
+    with pytest.raises(BadRequest):
+        await normal.write(refuse, short=True)
+    assert await _count(normal) == 0
+    _, apply = _insert(3)
+    assert await normal.write(apply, short=True) == 3
+
+
+async def test_full_never_writes_on_the_loop(tmp_path: Path) -> None:
+    file = await _open(tmp_path, "FULL")
+    try:
+        threads, apply = _insert(1)
+        await file.write(apply, short=True)
+        assert threads == ["micro-test-writer"]
+    finally:
+        await file.close()
+
+
+def test_synchronous_is_full_or_normal(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteFile(tmp_path / "t.db", SCHEMA, block="test", synchronous="OFF")
