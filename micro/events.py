@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
+from micro._publisher import publisher
 from micro.client import Client
 from micro.payload import CONTENT_TYPE, encode
 from micro.proto import events_pb2
@@ -48,10 +49,12 @@ class EventsClient:
         metadata: Mapping[str, str] | None = None,
         timestamp: float | None = None,
     ) -> tuple[str, int]:
-        """Append ``message`` durably; returns ``(event id, sequence number)``."""
-        request = _publish_request(topic, message, metadata, timestamp)
-        response = await self.client.call(_SERVICE, _STREAM + "Publish", request, events_pb2.PublishResponse)
-        return response.id, response.sequence
+        """Append ``message`` durably; returns ``(event id, sequence number)``.
+
+        The request goes on a stream the client keeps open while it publishes
+        (one message each way instead of a call; see ``micro._publisher``).
+        """
+        return await publisher(self.client).publish(_publish_request(topic, message, metadata, timestamp))
 
     async def publish_many(self, topic: str, messages: Iterable[Any]) -> list[tuple[str, int]]:
         """Append many events, in order, far faster than one call each; returns each ``(id, sequence)``.

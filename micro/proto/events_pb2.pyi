@@ -70,6 +70,28 @@ class PublishResponse(_message.Message):
     sequence: int
     def __init__(self, id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
+class Error(_message.Message):
+    __slots__ = ("id", "code", "detail", "status")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    code: int
+    detail: str
+    status: str
+    def __init__(self, id: _Optional[str] = ..., code: _Optional[int] = ..., detail: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+
+class PublishResult(_message.Message):
+    __slots__ = ("id", "sequence", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    sequence: int
+    error: Error
+    def __init__(self, id: _Optional[str] = ..., sequence: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
 class ConsumeOptions(_message.Message):
     __slots__ = ("topic", "group", "start", "sequence", "since", "auto_ack", "ack_wait", "retry_limit", "start_if_new")
     TOPIC_FIELD_NUMBER: _ClassVar[int]

@@ -2,8 +2,9 @@
 
 Topics live in the caller's namespace. ``Consume`` reads its first request as
 the options and later ones as acks, concurrently with streaming events out;
-``PublishStream`` publishes whatever requests have arrived as one batch (one
-transaction), answering each in order. ``PublishBatch`` and ``ConsumeBatches``
+``PublishStream`` publishes the valid requests that have arrived as one batch
+(one transaction), answering each in order with its result or its error.
+``PublishBatch`` and ``ConsumeBatches``
 are their batched forms: many events per gRPC message, which costs about as
 much as an event's whole handling, so replay and bulk publish send few.
 """
@@ -68,14 +69,33 @@ class StreamHandler:
 
     async def PublishStream(
         self, requests: AsyncIterator[events_pb2.PublishRequest], context: Context
-    ) -> AsyncIterator[events_pb2.PublishResponse]:
+    ) -> AsyncIterator[events_pb2.PublishResult]:
+        """Publish each request; an invalid one, or a batch the engine refuses, is answered with its
+        error and the stream goes on."""
         async with _Batcher(requests) as batches:
-            async for batch, error in batches:
-                if batch:
-                    for event_id, seq in await self.backend.publish_many(context.namespace, batch):
-                        yield events_pb2.PublishResponse(id=event_id, sequence=seq)
-                if error is not None:
-                    raise error
+            async for batch in batches:
+                for result in await self._publish_each(context.namespace, batch):
+                    yield result
+
+    async def _publish_each(
+        self, namespace: str, batch: list[PublishItem | MicroError]
+    ) -> list[events_pb2.PublishResult]:
+        items = [entry for entry in batch if isinstance(entry, PublishItem)]
+        try:
+            published = iter(await self.backend.publish_many(namespace, items) if items else [])
+        except MicroError as refused:
+            return [
+                events_pb2.PublishResult(error=_error(e if isinstance(e, MicroError) else refused))
+                for e in batch
+            ]
+        results = []
+        for entry in batch:
+            if isinstance(entry, MicroError):
+                results.append(events_pb2.PublishResult(error=_error(entry)))
+            else:
+                event_id, seq = next(published)
+                results.append(events_pb2.PublishResult(id=event_id, sequence=seq))
+        return results
 
     async def PublishBatch(
         self, request: events_pb2.PublishBatchRequest, context: Context
@@ -280,10 +300,9 @@ class _EventBatches:
 
 
 class _Batcher:
-    """Groups the publish requests that have arrived into batches of valid items.
+    """Groups the publish requests that have arrived into batches: valid items, or why not valid.
 
-    Yields ``(items, error)``: ``error`` is the validation error of the request
-    that follows ``items``, which ends the stream once ``items`` are published.
+    A failure of the request stream itself ends the iteration with that error.
     """
 
     def __init__(self, requests: AsyncIterator[events_pb2.PublishRequest]) -> None:
@@ -307,24 +326,25 @@ class _Batcher:
     def __aiter__(self) -> _Batcher:
         return self
 
-    async def __anext__(self) -> tuple[list[PublishItem], MicroError | None]:
+    async def __anext__(self) -> list[PublishItem | MicroError]:
         if self._done:
             raise StopAsyncIteration
-        batch: list[PublishItem] = []
+        batch: list[PublishItem | MicroError] = []
         entry = await self._queue.get()
         while True:
             if entry is None:
                 self._done = True
-                return batch, None
+                if batch:
+                    return batch
+                raise StopAsyncIteration
             if isinstance(entry, Exception):
                 raise entry
             try:
                 batch.append(_item(entry))
             except MicroError as invalid:
-                self._done = True
-                return batch, invalid
+                batch.append(invalid)
             if len(batch) >= PUBLISH_BATCH or self._queue.empty():
-                return batch, None
+                return batch
             entry = self._queue.get_nowait()
 
     async def _read(self) -> None:
@@ -334,6 +354,12 @@ class _Batcher:
         except Exception as exc:
             await self._queue.put(exc)
         await self._queue.put(None)
+
+
+def _error(error: MicroError) -> events_pb2.Error:
+    return events_pb2.Error(
+        id=error.id or ERROR_ID, code=error.code, detail=error.detail, status=error.status
+    )
 
 
 def _item(request: events_pb2.PublishRequest) -> PublishItem:

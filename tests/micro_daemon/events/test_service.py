@@ -12,7 +12,7 @@ from micro._binding import bind
 from micro._dispatch import Dispatcher
 from micro._grpc_errors import error_from_rpc
 from micro.context import Context
-from micro.errors import BadRequest, PayloadTooLarge
+from micro.errors import BadRequest
 from micro.proto import events_pb2
 from micro_daemon.events import service
 from micro_daemon.events.backend import MAX_EVENT_BYTES, ConsumeSpec, Start
@@ -116,27 +116,47 @@ async def test_read_stops_before_a_too_large_response(backend: MemoryEvents, mon
     assert len((await store.Read(events_pb2.ReadRequest(topic="big"), ALICE)).events) == 1
 
 
-async def test_publish_stream_answers_in_order_and_stops_at_a_bad_request(backend: MemoryEvents) -> None:
-    requests = Requests(*(events_pb2.PublishRequest(topic="t", payload=b"%d" % i) for i in range(3)))
+async def test_publish_stream_answers_each_in_order_and_goes_on_after_a_bad_request(
+    backend: MemoryEvents,
+) -> None:
+    requests = Requests(*(events_pb2.PublishRequest(topic="t", payload=b"%d" % i) for i in range(2)))
     requests.queue.put_nowait(events_pb2.PublishRequest(topic="bad topic"))
-    requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"never"))
-    responses = []
-    with pytest.raises(BadRequest):
-        async for response in StreamHandler(backend).PublishStream(requests, ALICE):
-            responses.append(response.sequence)
-    assert responses == [1, 2, 3]
+    requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"x" * (MAX_EVENT_BYTES + 1)))
+    requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"2"))
+    requests.queue.put_nowait(None)
+    results = [r async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    assert [(r.sequence, r.error.code, r.error.id) for r in results] == [
+        (1, 0, ""),
+        (2, 0, ""),
+        (0, 400, "events"),
+        (0, 413, "events"),
+        (3, 0, ""),
+    ]
+    assert "bad topic" in results[2].error.detail and results[2].error.status == "Bad Request"
+    assert all(r.id for r in results if not r.HasField("error"))
     assert [e.payload for e in await backend.read("alice", "t")] == [b"0", b"1", b"2"]
 
 
-async def test_publish_stream_batches_what_has_arrived(backend: MemoryEvents) -> None:
+async def test_publish_stream_batches_what_has_arrived(backend: MemoryEvents, monkeypatch: Any) -> None:
+    batches: list[int] = []
+    publish_many = backend.publish_many
+
+    async def counted(namespace: str, items: Any) -> list[tuple[str, int]]:
+        batches.append(len(items))
+        return await publish_many(namespace, items)
+
+    monkeypatch.setattr(backend, "publish_many", counted)
     requests = Requests(*(events_pb2.PublishRequest(topic="t", payload=b"x") for _ in range(1200)), None)
     sequences = [r.sequence async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
     assert sequences == list(range(1, 1201))
-    with pytest.raises(PayloadTooLarge):
-        async for _ in StreamHandler(backend).PublishStream(
-            Requests(events_pb2.PublishRequest(topic="t", payload=b"x" * (MAX_EVENT_BYTES + 1)), None), ALICE
-        ):
-            pass
+    assert max(batches) == service.PUBLISH_BATCH and len(batches) < 10
+
+
+async def test_publish_stream_answers_a_refused_batch_with_its_error(backend: MemoryEvents) -> None:
+    await backend.close()
+    requests = Requests(events_pb2.PublishRequest(topic="t", payload=b"x"), None)
+    [result] = [r async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    assert result.error.code == 503 and not result.sequence
 
 
 async def test_consume_with_manual_acks(backend: MemoryEvents) -> None:

@@ -1,0 +1,159 @@
+"""One long-lived ``PublishStream`` per client: single publishes without a call each.
+
+A unary call costs about twice a message each way on an open stream, so
+``EventsClient.publish`` sends its request on a stream the client keeps open
+and waits for the answer, which comes in order. The stream opens on the first
+publish and closes after ``IDLE`` seconds without one. A daemon without the
+stream (or a transport that cannot stream both ways) gets unary ``Publish``
+calls instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+
+from micro.client import Client
+from micro.context import current_context
+from micro.errors import MicroError, ServiceUnavailable, Timeout, error_for_code
+from micro.proto import events_pb2
+
+__all__ = ["IDLE", "publisher"]
+
+IDLE = 10.0
+_SERVICE = "events"
+_PATH = "/micro.events.v1.Stream/PublishStream"
+_publishers: weakref.WeakKeyDictionary[Client, _Publisher] = weakref.WeakKeyDictionary()
+
+
+class _Unsupported(Exception):
+    """The stream cannot be used here: the request was not sent, publish it with a call."""
+
+
+def publisher(client: Client) -> _Publisher:
+    """The publisher of ``client`` (one per client, shared by its ``EventsClient`` objects)."""
+    found = _publishers.get(client)
+    if found is None:
+        found = _publishers[client] = _Publisher(client)
+    return found
+
+
+class _Stream:
+    """One open ``PublishStream``: requests to send, and the callers waiting for answers in order."""
+
+    def __init__(self, client: Client) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.requests: asyncio.Queue[events_pb2.PublishRequest | None] = asyncio.Queue()
+        self.waiting: deque[asyncio.Future[events_pb2.PublishResult]] = deque()
+        self.closing = False
+        self.idle: asyncio.TimerHandle | None = None
+        answers = client.bidi(_SERVICE, _PATH, self._outgoing(), events_pb2.PublishResult)
+        self.reader = self.loop.create_task(self._read(answers))
+
+    def send(self, request: events_pb2.PublishRequest) -> asyncio.Future[events_pb2.PublishResult]:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        answer = self.loop.create_future()
+        self.waiting.append(answer)
+        self.requests.put_nowait(request)
+        return answer
+
+    def close(self) -> None:
+        self.closing = True
+        self.requests.put_nowait(None)
+
+    async def _outgoing(self) -> AsyncIterator[events_pb2.PublishRequest]:
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def _read(self, answers: AsyncIterator[events_pb2.PublishResult]) -> None:
+        failure: BaseException
+        try:
+            async for answer in answers:
+                waiter = self.waiting.popleft()
+                if not waiter.done():
+                    waiter.set_result(answer)
+            failure = ServiceUnavailable("the publish stream ended", id=_SERVICE)
+        except NotImplementedError:
+            failure = _Unsupported()
+        except MicroError as exc:
+            failure = _Unsupported() if exc.code == 501 else exc
+        except Exception as exc:
+            failure = ServiceUnavailable(f"the publish stream failed: {exc!r}", id=_SERVICE)
+        except asyncio.CancelledError:
+            failure = ServiceUnavailable("the publish stream was cancelled", id=_SERVICE)
+            raise
+        finally:
+            self.closing = True
+            for waiter in self.waiting:  # their outcome is unknown, as a call's that fails
+                if not waiter.done():
+                    waiter.set_exception(_copy(failure))
+            self.waiting.clear()
+
+
+class _Publisher:
+    """Publishes over a ``_Stream`` opened when needed (see the module docstring)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.supported = True
+        self._stream: _Stream | None = None
+
+    async def publish(self, request: events_pb2.PublishRequest) -> tuple[str, int]:
+        if self.supported:
+            try:
+                return await self._over_stream(request)
+            except _Unsupported:
+                self.supported = False
+        response = await self.client.call(
+            _SERVICE, "/micro.events.v1.Stream/Publish", request, events_pb2.PublishResponse
+        )
+        return response.id, response.sequence
+
+    async def _over_stream(self, request: events_pb2.PublishRequest) -> tuple[str, int]:
+        stream = self._open()
+        answer = stream.send(request)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(answer), _timeout(self.client))
+        except TimeoutError:
+            raise Timeout("request timed out", id=_SERVICE) from None
+        finally:
+            if not stream.waiting and not stream.closing:
+                if stream.idle is not None:
+                    stream.idle.cancel()
+                stream.idle = stream.loop.call_later(IDLE, self._close_idle, stream)
+        if result.HasField("error"):
+            error = result.error
+            raise error_for_code(error.code, error.detail, id=error.id)
+        return result.id, result.sequence
+
+    def _open(self) -> _Stream:
+        stream = self._stream
+        if stream is None or stream.closing or stream.loop is not asyncio.get_running_loop():
+            stream = self._stream = _Stream(self.client)
+        return stream
+
+    def _close_idle(self, stream: _Stream) -> None:
+        if not stream.waiting and not stream.closing:
+            stream.close()
+            if self._stream is stream:
+                self._stream = None
+
+
+def _timeout(client: Client) -> float | None:
+    """The client's timeout, shortened to the deadline of the call being served, if any."""
+    context = current_context()
+    remaining = context.time_remaining() if context is not None else None
+    if remaining is None:
+        return client.timeout
+    return remaining if client.timeout is None else min(remaining, client.timeout)
+
+
+def _copy(failure: BaseException) -> BaseException:
+    # Every waiting caller gets its own exception object (tracebacks are per raise).
+    if isinstance(failure, MicroError):
+        return error_for_code(failure.code, failure.detail, id=failure.id)
+    return _Unsupported()

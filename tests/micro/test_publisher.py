@@ -1,0 +1,102 @@
+"""Single publishes over the client's long-lived PublishStream, and the fallback to unary calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from micro import _publisher
+from micro.client import Client
+from micro.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
+from micro.events import EventsClient
+from micro.home import Home
+from micro.proto import events_pb2
+from micro.transport import GrpcTransport, Metadata, MockTransport
+from micro_daemon.app import Daemon
+from micro_daemon.events.backend import MAX_EVENT_BYTES
+from micro_daemon.settings import Settings
+
+WAIT = 5.0
+
+
+@pytest.fixture
+async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
+    daemon = Daemon(Settings.load(), Home.from_env())
+    await daemon.start()
+    yield daemon
+    await daemon.stop(grace=1)
+
+
+@pytest.fixture
+async def client(daemon: Daemon) -> AsyncIterator[Client]:
+    client = Client(GrpcTransport(daemon.address), timeout=WAIT)
+    yield client
+    await client.close()
+
+
+async def test_publishes_share_one_stream_and_keep_order(client: Client) -> None:
+    events = EventsClient(client)
+    assert [seq for _, seq in [await events.publish("t", i) for i in range(3)]] == [1, 2, 3]
+    stream = _publisher.publisher(client)._stream
+    assert stream is not None
+    results = await asyncio.gather(*(EventsClient(client).publish("t", i) for i in range(50)))
+    assert sorted(seq for _, seq in results) == list(range(4, 54))
+    assert _publisher.publisher(client)._stream is stream
+    stored = await events.read("t", limit=100)
+    assert [e.sequence for e in stored] == list(range(1, 54))
+    assert len({e.id for e in stored} | {event_id for event_id, _ in results}) == 53
+
+
+async def test_a_refused_publish_fails_alone(client: Client) -> None:
+    events = EventsClient(client)
+    outcomes = await asyncio.gather(
+        events.publish("t", "a"),
+        events.publish("bad topic", "b"),
+        events.publish("t", b"x" * (MAX_EVENT_BYTES + 1)),
+        events.publish("t", "c"),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], BadRequest) and outcomes[1].id == "events"
+    assert isinstance(outcomes[2], PayloadTooLarge)
+    assert [seq for _, seq in (outcomes[0], outcomes[3])] == [1, 2]  # type: ignore[misc]
+    assert (await events.publish("t", "d"))[1] == 3
+
+
+async def test_an_idle_stream_closes_and_the_next_publish_opens_another(
+    client: Client, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(_publisher, "IDLE", 0.05)
+    events = EventsClient(client)
+    await events.publish("t", 1)
+    first = _publisher.publisher(client)._stream
+    assert first is not None
+    await asyncio.sleep(0.2)
+    assert first.closing and first.reader.done()
+    assert _publisher.publisher(client)._stream is None
+    assert (await events.publish("t", 2))[1] == 2
+
+
+async def test_a_stopped_daemon_fails_the_waiting_publishes(daemon: Daemon, client: Client) -> None:
+    events = EventsClient(client)
+    await events.publish("t", 1)
+    await daemon.stop(grace=0)
+    with pytest.raises(ServiceUnavailable):
+        await events.publish("t", 2)
+
+
+async def test_without_a_stream_publish_calls_publish() -> None:
+    calls: list[str] = []
+
+    async def handler(path: str, request: bytes, metadata: Metadata) -> bytes:
+        calls.append(path)
+        return events_pb2.PublishResponse(id="e1", sequence=7).SerializeToString()
+
+    client = Client(MockTransport(handler), credentials=None)
+    assert await EventsClient(client).publish("t", {"a": 1}) == ("e1", 7)
+    assert await EventsClient(client).publish("t", {"a": 2}) == ("e1", 7)
+    assert calls == ["/micro.events.v1.Stream/Publish"] * 2
+    assert not _publisher.publisher(client).supported
