@@ -61,12 +61,14 @@ class PrivatePostgres:
     def __init__(self) -> None:
         self.port = free_port()
         self.bin = postgres_bin()
-        self._as: dict[str, Any] = {}
+        self._as: list[str] = []
         self.root = Path(tempfile.mkdtemp(prefix="micro-test-pg-"))
         if os.geteuid() == 0:
             owner = pwd.getpwnam("postgres")
             os.chown(self.root, owner.pw_uid, owner.pw_gid)
-            self._as = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+            # Not subprocess's user=: that forks (vfork cannot change user), and a fork of a process
+            # using gRPC may crash in gRPC's fork handlers before it execs.
+            self._as = ["runuser", "-u", "postgres", "--"]
         self.data = self.root / "data"
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "-N")
 
@@ -97,7 +99,7 @@ class PrivatePostgres:
 
     def _run(self, program: str, *args: str) -> None:
         done = subprocess.run(
-            [str(self.bin / program), *args], capture_output=True, text=True, timeout=60, **self._as
+            [*self._as, str(self.bin / program), *args], capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 0, f"{program} {' '.join(args)} exited {done.returncode}: {done.stderr}"
 
