@@ -91,7 +91,8 @@ class RefreshingToken(Credentials):
     Renewal asks the auth block for a new access token (``Auth.Token``) in
     ``namespace``; ``on_refresh`` is told the new ``TokenSet`` (to save it).
     A failed renewal keeps using the old token while it lasts, then raises
-    ``Unauthorized``.
+    ``Unauthorized``. ``obtained`` is when ``tokens`` were issued (default:
+    now), which sets how early before expiry they are renewed.
     """
 
     def __init__(
@@ -101,12 +102,13 @@ class RefreshingToken(Credentials):
         namespace: str = DEFAULT_NAMESPACE,
         on_refresh: Callable[[TokenSet], None] | None = None,
         clock: Callable[[], float] = time.time,
+        obtained: float | None = None,
     ) -> None:
         self.tokens = tokens
         self.namespace = namespace
         self.on_refresh = on_refresh
         self._clock = clock
-        self._obtained = clock()
+        self._obtained = clock() if obtained is None else obtained
         self._lock = asyncio.Lock()
 
     def due(self) -> bool:

@@ -8,12 +8,14 @@ import typer
 from typer.core import TyperGroup
 
 from micro import __version__
-from micro.errors import MicroError
+from micro.errors import MicroError, Unauthorized
 from micro_cli import (
+    auth,
     call,
     config,
     debug,
     environments_cmd,
+    login,
     messaging,
     new,
     registry,
@@ -24,7 +26,7 @@ from micro_cli import (
 )
 from micro_cli.errors import HandledError, exit_code_for
 from micro_cli.output import report_error
-from micro_cli.session import options
+from micro_cli.session import login_hint, options
 
 __all__ = ["app", "main"]
 
@@ -38,6 +40,9 @@ class MicroGroup(TyperGroup):
         except HandledError as exc:
             report_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except Unauthorized as exc:
+            report_error(login_hint(exc.detail or "not authenticated"))
+            raise typer.Exit(exit_code_for(exc)) from None
         except MicroError as exc:
             report_error(exc.detail or type(exc).__name__)
             raise typer.Exit(exit_code_for(exc)) from None
@@ -109,6 +114,9 @@ app.add_typer(store.app, name="store")
 app.add_typer(config.app, name="config")
 app.add_typer(environments_cmd.app, name="env")
 app.add_typer(user.app, name="user")
+app.command("login")(login.login)
+app.command("logout")(login.logout)
+app.add_typer(auth.app, name="auth")
 app.add_typer(messaging.broker_app, name="broker")
 app.add_typer(messaging.events_app, name="events")
 app.add_typer(debug.app, name="debug")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Output", "print_json", "print_table", "report_error"]
+__all__ = ["Output", "print_fields", "print_json", "print_table", "report_error"]
 
 
 class Output(enum.StrEnum):
@@ -20,6 +20,13 @@ class Output(enum.StrEnum):
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
+    """``name  value`` lines, the values aligned: one record for people to read."""
+    width = max((len(name) for name, _ in fields), default=0)
+    for name, value in fields:
+        print(f"{name + ':':<{width + 1}}  {value}")
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

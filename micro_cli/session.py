@@ -11,14 +11,19 @@ from micro.context import validate_namespace
 from micro.errors import ConnectError, MicroError
 from micro.home import Home
 from micro_cli.environments import Environment, Environments
-from micro_cli.errors import UsageError
+from micro_cli.errors import HandledError, UsageError
 
 if TYPE_CHECKING:
-    from micro.client import Client
+    import asyncio
 
-__all__ = ["Options", "connect", "options", "run", "target"]
+    from micro.client import Client
+    from micro.credentials import RefreshingToken
+
+__all__ = ["Options", "connect", "login_hint", "options", "run", "target"]
 
 T = TypeVar("T")
+
+REFRESH_POLL = 15.0
 
 
 @dataclass
@@ -45,10 +50,15 @@ def target() -> tuple[Environment, str]:
 
 
 @contextlib.asynccontextmanager
-async def connect(*, timeout: float | None = 30.0) -> AsyncIterator[Client]:
-    """A client for the current environment and namespace; starts the local daemon if needed."""
+async def connect(*, timeout: float | None = 30.0, anonymous: bool = False) -> AsyncIterator[Client]:
+    """A client for the current environment and namespace; starts the local daemon if needed.
+
+    It sends the credentials of ``micro_cli.credentials.find`` (none when
+    ``anonymous``) and keeps a saved login fresh while the command runs.
+    """
     from micro.client import Client
     from micro.transport import GrpcTransport
+    from micro_cli.credentials import find
 
     env, namespace = target()
     address = env.address
@@ -56,13 +66,52 @@ async def connect(*, timeout: float | None = 30.0) -> AsyncIterator[Client]:
         from micro_cli.autostart import ensure_local_daemon
 
         address = ensure_local_daemon(Home.from_env()).address
-    client = Client(GrpcTransport(address), namespace=namespace, timeout=timeout)
+    transport = GrpcTransport(address)
+    credentials = None if anonymous else find(env, namespace, Home.from_env()).credentials
+    client = Client(transport, namespace=namespace, timeout=timeout, credentials=credentials)
+    refresher = _keep_fresh(client)
     try:
         yield client
     except ConnectError as exc:
         raise ConnectError(_unreachable(env, address), address=address) from exc
     finally:
+        if refresher is not None:
+            refresher.cancel()
         await client.close()
+
+
+def login_hint(detail: str) -> str:
+    """The one line for a 401: what was refused, and that ``micro login`` in this env and namespace helps."""
+    try:
+        env, namespace = target()
+    except (HandledError, MicroError):
+        return f"{detail}: run `micro login`"
+    return f"not signed in to environment {env.name!r}, namespace {namespace!r}: run `micro login` ({detail})"
+
+
+def _keep_fresh(client: Client) -> asyncio.Task[None] | None:
+    """Renew a refreshable token in the background, so a long command (``logs -f``) keeps its login saved."""
+    import asyncio
+
+    from micro.credentials import RefreshingToken
+
+    credentials = client.credentials
+    if not isinstance(credentials, RefreshingToken) or not credentials.tokens.refresh_token:
+        return None
+    return asyncio.get_running_loop().create_task(_refresh_loop(credentials, client))
+
+
+async def _refresh_loop(credentials: RefreshingToken, client: Client) -> None:
+    import asyncio
+    import time
+
+    while True:
+        remaining = credentials.tokens.expiry - time.time()
+        await asyncio.sleep(min(REFRESH_POLL, max(0.25, remaining / 4)))
+        try:
+            await credentials.token(client.transport)
+        except (MicroError, OSError):
+            pass  # the command's own next call says what is wrong
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -90,6 +90,8 @@ def test_an_unknown_env_flag_is_an_error(micro_cli, monkeypatch):
 def test_commands_talk_to_the_environment_s_address(micro_server, micro_cli):
     micro_cli("store", "write", "k", "v").assert_success()
     micro_cli("env", "add", "same", micro_server.address).assert_success()
+    # only the local environment acts as the owner without a login
+    micro_cli("-e", "same", "login", "-u", "admin", "--password", "micro").assert_success()
     assert micro_cli("-e", "same", "store", "read", "k").assert_success().out == "v\n"
 
 

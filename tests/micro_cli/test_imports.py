@@ -45,7 +45,10 @@ def test_help_imports_no_heavy_module(micro_home):
     assert _heavy(_imported("--help"), HEAVY) == set()
 
 
-@pytest.mark.parametrize("args", [["store", "--help"], ["env"], ["user", "namespace"], ["--version"]])
+@pytest.mark.parametrize(
+    "args",
+    [["store", "--help"], ["env"], ["user", "namespace"], ["--version"], ["auth", "--help"], ["logout"]],
+)
 def test_local_commands_import_no_transport(micro_home, args):
     assert _heavy(_imported(*args), ("grpc", "google.protobuf", "micro_daemon", "httpx")) == set()
 
@@ -55,3 +58,10 @@ def test_store_read_imports_only_the_grpc_client(micro_server, micro_cli):
     modules = _imported("store", "read", "k")
     assert "grpc" in modules
     assert _heavy(modules, ("httpx", "keyring", "jwt", "micro_daemon", "rich", "pydantic")) == set()
+
+
+def test_a_command_with_a_saved_login_imports_no_keyring(micro_server, micro_cli):
+    micro_cli("login", "-u", "admin", "--password", "micro").assert_success()
+    modules = _imported("store", "list")
+    assert "grpc" in modules
+    assert _heavy(modules, ("keyring", "jwt", "httpx", "micro_daemon", "pydantic")) == set()
