@@ -293,8 +293,11 @@ class Platform:
         env.update(extra)
         return env
 
-    def start(self, name: str, *, env: str = "") -> PlatformDaemon:
-        """Start daemon ``name`` (again, on the same home, if it ran before) and add it as CLI env ``env``."""
+    def start(self, name: str, *, env: str | None = "") -> PlatformDaemon:
+        """Start daemon ``name`` (again, on the same home, if it ran before) and add it as CLI env ``env``.
+
+        ``env`` defaults to ``name``; ``None`` adds no environment.
+        """
         home = self.root / name
         home.mkdir(exist_ok=True)
         log = self.root / f"{name}.{sum(d.name == name for d in self.daemons)}.log"
@@ -317,7 +320,8 @@ class Platform:
 
         wait_until(started, timeout=30)
         daemon.address = json.loads(state.read_text())["address"]
-        ok("env", "add", env or name, daemon.address)
+        if env is not None:
+            ok("env", "add", env or name, daemon.address)
         return daemon
 
     def close(self) -> None:
