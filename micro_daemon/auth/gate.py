@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from micro._metadata import NAMESPACE_KEY, REMOTE_ADDRESS_KEY
+from micro._metadata import NAMESPACE_KEY
 from micro.auth import Account, bearer_token
 from micro.context import DEFAULT_NAMESPACE, Context, validate_namespace
 from micro.errors import Forbidden, MicroError, Unauthorized
@@ -33,7 +33,7 @@ from micro_daemon.auth.engine import AuthEngine
 from micro_daemon.auth.namespaces import authorize, is_admin
 from micro_daemon.auth.rules import Resource, verify
 
-__all__ = ["LOCAL_ADMIN", "PUBLIC_ENDPOINTS", "SELF_CHECKING_BLOCKS", "Gate", "require"]
+__all__ = ["LOCAL_ADMIN", "PUBLIC_ENDPOINTS", "SELF_CHECKING_BLOCKS", "Gate", "log_refusal", "require"]
 
 log = logging.getLogger("micro.auth")
 
@@ -94,36 +94,30 @@ class Gate:
         """Whether this call may reach ``endpoint`` of user service ``service``; its account if it may.
 
         Raises ``Unauthorized`` (no or an invalid token, and the rules want
-        one) or ``Forbidden`` (an account the rules or the namespace refuse),
-        and logs the refusal.
+        one) or ``Forbidden`` (an account the rules or the namespace refuse).
         """
         if self.engine is None:
             return LOCAL_ADMIN
-        try:
-            namespace = validate_namespace(metadata.get(NAMESPACE_KEY) or DEFAULT_NAMESPACE)
-            account, token_error = await self.authenticate(metadata)
-            if account is not None and account.issuer != namespace and not _micro_admin(account):
-                raise Forbidden(
-                    f"account {account.id!r} of namespace {account.issuer!r} may not call "
-                    f"services of namespace {namespace!r}",
-                    id="auth",
-                )
-            resource = Resource("service", service, endpoint)
-            decision = verify(await self.engine.rules.list(namespace), account, resource, namespace)
-            if not decision.granted:
-                if account is None and token_error is not None:
-                    raise token_error
-                decision.raise_if_denied()
-            return account
-        except (Unauthorized, Forbidden) as error:
-            log.warning(
-                "refused %s %s from %s: %s",
-                service,
-                endpoint,
-                metadata.get(REMOTE_ADDRESS_KEY, "?"),
-                error.detail,
+        namespace = validate_namespace(metadata.get(NAMESPACE_KEY) or DEFAULT_NAMESPACE)
+        account, token_error = await self.authenticate(metadata)
+        if account is not None and account.issuer != namespace and not _micro_admin(account):
+            raise Forbidden(
+                f"account {account.id!r} of namespace {account.issuer!r} may not call "
+                f"services of namespace {namespace!r}",
+                id="auth",
             )
-            raise
+        resource = Resource("service", service, endpoint)
+        decision = verify(await self.engine.rules.list(namespace), account, resource, namespace)
+        if not decision.granted:
+            if account is None and token_error is not None:
+                raise token_error
+            decision.raise_if_denied()
+        return account
+
+
+def log_refusal(what: str, address: str, error: MicroError) -> None:
+    """One warning line per refused call (never the token), for whoever watches the server log."""
+    log.warning("refused %s from %s: %s", what, address or "?", error.detail)
 
 
 def _micro_admin(account: Account) -> bool:

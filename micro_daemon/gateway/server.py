@@ -7,7 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -21,7 +21,7 @@ from micro.context import DEFAULT_NAMESPACE, validate_namespace
 from micro.errors import BadRequest, MicroError, NotFound, SetupError, error_for_code
 from micro.openapi import openapi_document
 from micro.proto import registry_pb2
-from micro_daemon.auth.gate import Gate
+from micro_daemon.auth.gate import Gate, log_refusal
 from micro_daemon.gateway.payload import (
     MULTIPART,
     PROTO_TYPES,
@@ -42,6 +42,9 @@ from micro_daemon.gateway.upstream import ERROR_ID, CallInfo, Local, Metadata, u
 from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.settings import parse_address
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_BODY", "Gateway"]
 
@@ -130,14 +133,17 @@ class Gateway:
         self._metadata_keys: dict[str, str | None] = {}
         self._version = json.dumps({"version": __version__}, separators=(",", ":")).encode()
 
-    async def start(self, address: str) -> str:
-        """Listen on ``address`` (``HOST:PORT``, port 0 for any) and return the bound address."""
+    async def start(self, address: str, *, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Listen on ``address`` (``HOST:PORT``, port 0 for any) and return the bound address.
+
+        With ``ssl_context`` the gateway serves HTTPS.
+        """
         host, port = parse_address(address, "MICRO_API_ADDRESS / --api-address")
         runner = web.AppRunner(
             self.app, access_log=None, handler_cancellation=True, shutdown_timeout=STOP_TIMEOUT
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError:
@@ -331,6 +337,8 @@ class Gateway:
 
     def _error(self, request: web.BaseRequest, error: MicroError) -> web.Response:
         error.id = error.id or ERROR_ID
+        if error.code in (401, 403):
+            log_refusal(f"{request.method} {request.path}", request.remote or "", error)
         status = error.code if 400 <= error.code <= 599 else 500
         response = web.Response(status=status, body=error.to_json().encode(), content_type="application/json")
         return self._answer(request, response)

@@ -17,7 +17,7 @@ import grpc
 from micro._dispatch import peer_host
 from micro._metadata import REMOTE_ADDRESS_KEY, SERVICE_KEY
 from micro.errors import MicroError
-from micro_daemon.auth.gate import Gate
+from micro_daemon.auth.gate import Gate, log_refusal
 from micro_daemon.proxy.forward import ServicerContext, abort
 
 __all__ = ["endpoint_of", "guarded"]
@@ -38,9 +38,12 @@ def guarded(handler: grpc.RpcMethodHandler, gate: Gate, path: str) -> grpc.RpcMe
     async def check(context: ServicerContext) -> None:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         metadata[REMOTE_ADDRESS_KEY] = peer_host(context.peer() or "")
+        service = metadata.get(SERVICE_KEY, "")
         try:
-            await gate.check_call(metadata, metadata.get(SERVICE_KEY, ""), endpoint)
+            await gate.check_call(metadata, service, endpoint)
         except MicroError as error:
+            if error.code in (401, 403):
+                log_refusal(f"{service} {endpoint}", metadata[REMOTE_ADDRESS_KEY], error)
             await abort(context, error)
 
     if handler.unary_unary is not None:

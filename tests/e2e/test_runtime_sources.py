@@ -116,6 +116,11 @@ def test_a_remote_environment_runs_an_uploaded_folder(
     folder = new_service(tmp_path / "src")
     assert micro("env", "add", "remote", remote).returncode == 0
     monkeypatch.chdir(folder.parent)
+    refused = micro("--env", "remote", "run", "./helloworld", timeout=60)
+    assert refused.returncode == 6  # a remote environment wants a login
+    assert "micro login" in refused.stderr
+    signed_in = micro("--env", "remote", "login", "--username", "admin", "--password", "micro")
+    assert signed_in.returncode == 0, signed_in.stderr
 
     ran = micro("--env", "remote", "run", "./helloworld", timeout=60)
     assert ran.returncode == 0, ran.stderr
