@@ -24,6 +24,7 @@ BENCHMARKS = [
     "proxy_overhead",
     "gateway",
     "messaging",
+    "platform_profile",
     "memory",
 ]
 TIMEOUT = 300.0
