@@ -294,7 +294,7 @@ class Platform:
         return env
 
     def start(self, name: str, *, env: str | None = "") -> PlatformDaemon:
-        """Start daemon ``name`` (again, on the same home, if it ran before) and add it as CLI env ``env``.
+        """Start daemon ``name`` (again, on its home if it ran before); add it as CLI env ``env``, signed in.
 
         ``env`` defaults to ``name``; ``None`` adds no environment.
         """
@@ -320,8 +320,9 @@ class Platform:
 
         wait_until(started, timeout=30)
         daemon.address = json.loads(state.read_text())["address"]
-        if env is not None:
+        if env is not None:  # a remote environment: the CLI signs in (the default admin, shared by all)
             ok("env", "add", env or name, daemon.address)
+            ok("--env", env or name, "login", "--username", "admin", "--password", "micro")
         return daemon
 
     def close(self) -> None:

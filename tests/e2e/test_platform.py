@@ -140,11 +140,9 @@ def test_a_consumer_group_spread_over_both_daemons_shares_the_load(
     published: list[int] = []
 
     async def publish(count: int) -> None:
-        from micro.client import Client
         from micro.events import EventsClient
-        from micro.transport import GrpcTransport
 
-        client = Client(GrpcTransport(a.address))
+        client = a.client()  # daemon a's local owner
         try:
             for _ in range(count):
                 published.append(len(published))
