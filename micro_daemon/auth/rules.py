@@ -37,7 +37,7 @@ import json
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +187,8 @@ class RuleStore:
         self.store = store
         self._ttl = ttl
         self._clock = clock
-        self._cache: dict[str, tuple[list[Rule], float]] = {}
+        self._cache: dict[str, tuple[list[Rule], float, int]] = {}
+        self._generations = itertools.count()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def list(self, namespace: str) -> list[Rule]:
@@ -206,8 +207,20 @@ class RuleStore:
                     rules = await self._read(namespace)
                 else:  # marked before: all deleted, or another daemon is writing the default now
                     return []  # not cached: the next call reads again
-            self._cache[namespace] = (rules, self._clock())
+            self._cache[namespace] = (rules, self._clock(), next(self._generations))
             return list(rules)
+
+    async def versioned(self, namespace: str) -> tuple[int | None, Sequence[Rule]]:
+        """The rules (not to be changed), with a number that changes whenever they may have.
+
+        The number is ``None`` when the rules are not cached (a namespace whose
+        rules were all deleted): nothing decided on them should be cached either.
+        """
+        rules = await self.list(namespace)
+        cached = self._cache.get(namespace)
+        if cached is None:
+            return None, rules
+        return cached[2], cached[0]
 
     async def create(self, namespace: str, rule: Rule) -> None:
         """Add the rule, or replace the rule with its id."""
