@@ -20,6 +20,7 @@ is rebuilt on the caller's side as the same class, chosen by ``code``::
      ├── BadGateway                502
      ├── ServiceUnavailable        503
      │    └── ConnectError         the daemon or a service could not be reached
+ │         └── TLSError         the TLS handshake failed: certificate not trusted, server without TLS
      ├── GatewayTimeout            504
      ├── RemoteError               a code outside this table
      └── SetupError                the local set-up is wrong: a folder not writable, a port in use
@@ -47,6 +48,7 @@ __all__ = [
     "RemoteError",
     "ServiceUnavailable",
     "SetupError",
+    "TLSError",
     "Timeout",
     "TooManyRequests",
     "Unauthorized",
@@ -182,6 +184,13 @@ class ConnectError(ServiceUnavailable):
     def __init__(self, detail: str, *, address: str = "", id: str = "") -> None:
         super().__init__(detail, id=id)
         self.address = address
+
+
+class TLSError(ConnectError):
+    """The connection to ``address`` failed in its TLS handshake; ``detail`` says why and what to do.
+
+    Raised by the caller's transport only, never sent over the wire.
+    """
 
 
 class GatewayTimeout(MicroError):

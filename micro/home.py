@@ -112,13 +112,25 @@ class Home:
 
 @dataclass(frozen=True)
 class DaemonState:
-    """What a running daemon publishes about itself."""
+    """What a running daemon publishes about itself.
+
+    With ``tls``, ``address`` and ``api_address`` serve TLS, and the daemon
+    also listens on ``local_address``, a plaintext loopback port for the
+    clients and services of this machine.
+    """
 
     pid: int
     address: str
     api_address: str
     started: float
     version: str
+    tls: bool = False
+    local_address: str = ""
+
+    @property
+    def client_address(self) -> str:
+        """Where a client on this machine connects (plaintext)."""
+        return self.local_address or self.address
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -398,7 +398,7 @@ def _proxy_address() -> str:
             "no micro server is running: start one with `micro server` (or run the service with "
             "`micro run`), or set MICRO_PROXY=HOST:PORT"
         )
-    return state.address
+    return state.client_address
 
 
 def _table_name(service: str) -> str:

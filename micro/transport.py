@@ -8,10 +8,13 @@ from a function, so tests of client code need no socket.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from micro._grpc_errors import map_grpc_exceptions
+from micro.errors import SetupError
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -55,12 +58,27 @@ class Transport(abc.ABC):
 
 
 class GrpcTransport(Transport):
-    """A gRPC channel to ``address`` (``host:port``), opened on first use."""
+    """A gRPC channel to ``address`` (``host:port``), opened on first use.
 
-    def __init__(self, address: str, *, secure: bool = False) -> None:
+    With ``secure`` the channel speaks TLS and trusts the system's root
+    certificates, or only the CA certificates of the PEM file ``ca_file``
+    (which implies ``secure``). A failed handshake raises ``TLSError``; an
+    unreadable ``ca_file`` raises ``SetupError`` on first use.
+    """
+
+    def __init__(
+        self, address: str, *, secure: bool = False, ca_file: str | os.PathLike[str] | None = None
+    ) -> None:
         self.address = address
-        self.secure = secure
+        self.ca_file = os.fspath(ca_file) if ca_file else None
+        self.secure = secure or self.ca_file is not None
         self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def _trust(self) -> str:
+        if not self.secure:
+            return ""
+        return f"the CA file {self.ca_file}" if self.ca_file else "this machine's trusted CAs"
 
     def _open(self) -> grpc.aio.Channel:
         if self._channel is None:
@@ -68,7 +86,8 @@ class GrpcTransport(Transport):
 
             options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
             if self.secure:
-                credentials = grpc.ssl_channel_credentials()
+                roots = _read_ca_file(self.ca_file) if self.ca_file else None
+                credentials = grpc.ssl_channel_credentials(root_certificates=roots)
                 self._channel = grpc.aio.secure_channel(self.address, credentials, options=options)
             else:
                 self._channel = grpc.aio.insecure_channel(self.address, options=options)
@@ -76,7 +95,7 @@ class GrpcTransport(Transport):
 
     async def unary(self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None) -> bytes:
         call = self._open().unary_unary(path)
-        with map_grpc_exceptions(address=self.address):
+        with map_grpc_exceptions(address=self.address, trust=self._trust):
             response: bytes = await call(request, metadata=tuple(metadata), timeout=timeout)
         return response
 
@@ -85,7 +104,7 @@ class GrpcTransport(Transport):
     ) -> AsyncIterator[bytes]:
         call = self._open().unary_stream(path)(request, metadata=tuple(metadata), timeout=timeout)
         try:
-            with map_grpc_exceptions(address=self.address):
+            with map_grpc_exceptions(address=self.address, trust=self._trust):
                 async for response in call:
                     yield response
         finally:
@@ -95,7 +114,7 @@ class GrpcTransport(Transport):
         self, path: str, requests: Sequence[bytes], *, metadata: Metadata, timeout: float | None
     ) -> bytes:
         call = self._open().stream_unary(path)
-        with map_grpc_exceptions(address=self.address):
+        with map_grpc_exceptions(address=self.address, trust=self._trust):
             response: bytes = await call(iter(requests), metadata=tuple(metadata), timeout=timeout)
         return response
 
@@ -107,7 +126,7 @@ class GrpcTransport(Transport):
         call = self._open().stream_stream(path)(metadata=tuple(metadata), timeout=timeout)
         writer = asyncio.create_task(_write_all(call, requests))
         try:
-            with map_grpc_exceptions(address=self.address):
+            with map_grpc_exceptions(address=self.address, trust=self._trust):
                 async for response in call:
                     yield response
         except (Exception, asyncio.CancelledError):
@@ -147,6 +166,24 @@ class MockTransport(Transport):
         self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None
     ) -> AsyncIterator[bytes]:
         yield await self.handler(path, request, metadata)
+
+
+def _read_ca_file(path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SetupError(
+            f"cannot read the CA file {path} ({exc.strerror or exc}): give the PEM file of the CA "
+            "that signed the server's certificate",
+            id="micro.transport",
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise SetupError(
+            f"the CA file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----): give the PEM "
+            "file of the CA that signed the server's certificate",
+            id="micro.transport",
+        )
+    return data
 
 
 async def _write_all(call: Any, requests: AsyncIterable[bytes]) -> Exception | None:

@@ -3,11 +3,14 @@
 Kept in ``config.json`` under the config directory::
 
     {"env": "local",
-     "envs": {"prod": {"address": "10.0.0.5:8081", "description": "..."}},
+     "envs": {"prod": {"address": "10.0.0.5:8081", "description": "...",
+                       "tls": true, "ca_file": "/abs/ca.pem"}},
      "namespaces": {"local": "micro"}}
 
 The built-in ``local`` environment is the daemon of this ``MICRO_HOME``,
-started on demand; it cannot be deleted.
+started on demand; it cannot be deleted. An environment speaks TLS when added
+with ``tls`` (or a CA file), as ``https://HOST:PORT``, or on port 443; files
+written before TLS existed (no ``tls`` key) load as plaintext unless on 443.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from difflib import get_close_matches
+from pathlib import Path
 from typing import Any
 
 from micro.context import DEFAULT_NAMESPACE, validate_namespace
@@ -40,11 +44,17 @@ class EnvironmentError_(HandledError):
 
 @dataclass(frozen=True)
 class Environment:
-    """A named daemon address. ``address`` is empty for ``local`` (found through the state file)."""
+    """A named daemon address. ``address`` is empty for ``local`` (found through the state file).
+
+    With ``tls`` the CLI connects over TLS, trusting the system's roots or only
+    the CA certificates in ``ca_file`` (an absolute path) when one is given.
+    """
 
     name: str
     address: str
     description: str
+    tls: bool = False
+    ca_file: str = ""
 
     @property
     def is_local(self) -> bool:
@@ -63,9 +73,7 @@ class Environments:
 
     def list(self) -> list[Environment]:
         data = self._load()
-        added = [
-            Environment(n, e.get("address", ""), e.get("description", "")) for n, e in data["envs"].items()
-        ]
+        added = [_from_json(n, e) for n, e in data["envs"].items()]
         return [_BUILTIN, *sorted(added, key=lambda e: e.name)]
 
     def current(self) -> str:
@@ -88,14 +96,24 @@ class Environments:
         with self._editing() as data:
             data["env"] = name
 
-    def add(self, name: str, address: str, description: str = "") -> Environment:
+    def add(
+        self, name: str, address: str, description: str = "", *, tls: bool = False, ca_file: str = ""
+    ) -> Environment:
+        """Add or replace ``name``; ``https://`` or port 443 in ``address``, or a ``ca_file``, imply TLS."""
         if not _NAME.match(name):
             raise UsageError(f"invalid environment name {name!r}: use letters, digits, '_' and '-'")
         if name == LOCAL:
             raise EnvironmentError_("'local' is built in and cannot be redefined; choose another name")
-        env = Environment(name, _normalize_address(address), description)
+        address, implied = _normalize_address(address)
+        ca_file = _ca_file(ca_file) if ca_file else ""
+        env = Environment(name, address, description, tls or implied or bool(ca_file), ca_file)
         with self._editing() as data:
-            data["envs"][name] = {"address": env.address, "description": description}
+            data["envs"][name] = {
+                "address": env.address,
+                "description": description,
+                "tls": env.tls,
+                "ca_file": env.ca_file,
+            }
         return env
 
     def delete(self, name: str) -> None:
@@ -144,10 +162,32 @@ class Environments:
             write_private(self.path, json.dumps(data, indent=2).encode())
 
 
-def _normalize_address(address: str) -> str:
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        return f"{address}:443"  # as Micro: an address without a port is a TLS endpoint
+def _from_json(name: str, entry: dict[str, Any]) -> Environment:
+    address = str(entry.get("address", ""))
+    tls = bool(entry.get("tls")) or address.endswith(":443")  # files from before TLS: 443 meant TLS
+    return Environment(name, address, str(entry.get("description", "")), tls, str(entry.get("ca_file", "")))
+
+
+def _normalize_address(address: str) -> tuple[str, bool]:
+    """``HOST:PORT`` and whether the address itself asks for TLS (``https://``, port 443)."""
+    given, https = address, False
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        if scheme.lower() != "https":
+            raise UsageError(f"invalid address {given!r}: use HOST:PORT, or https://HOST:PORT for TLS")
+        address, https = rest.rstrip("/"), True
+    if ":" not in address or address.endswith("]"):
+        address += ":443"  # as Micro: an address without a port is a TLS endpoint
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"invalid address {address!r}: use HOST:PORT, e.g. 10.0.0.5:8081")
-    return address
+        raise UsageError(f"invalid address {given!r}: use HOST:PORT, e.g. 10.0.0.5:8081")
+    return address, https or port == "443"
+
+
+def _ca_file(path: str) -> str:
+    resolved = Path(path).expanduser().absolute()
+    if not resolved.is_file():
+        raise UsageError(
+            f"no CA file at {resolved}: give the PEM file of the CA that signed the server's certificate"
+        )
+    return str(resolved)

@@ -38,8 +38,16 @@ def list_envs(
     if output is Output.json:
         print_json([_env_json(e, current) for e in envs.list()])
         return
-    rows = [(e.name, e.address or "this machine", e.description) for e in envs.list()]
-    print_table(["", "NAME", "ADDRESS", "DESCRIPTION"], [("*" if r[0] == current else "", *r) for r in rows])
+    rows = [(e.name, e.address or "this machine", _tls(e), e.description) for e in envs.list()]
+    print_table(
+        ["", "NAME", "ADDRESS", "TLS", "DESCRIPTION"], [("*" if r[0] == current else "", *r) for r in rows]
+    )
+
+
+def _tls(env: Environment) -> str:
+    if not env.tls:
+        return "no"
+    return f"ca:{env.ca_file}" if env.ca_file else "yes"
 
 
 def _env_json(env: Environment, current: str) -> dict[str, object]:
@@ -47,6 +55,8 @@ def _env_json(env: Environment, current: str) -> dict[str, object]:
         "name": env.name,
         "address": env.address,
         "description": env.description,
+        "tls": env.tls,
+        "ca_file": env.ca_file,
         "current": env.name == current,
     }
 
@@ -67,12 +77,28 @@ def set_(name: Annotated[str, typer.Argument(help="Environment to use from now o
 @app.command()
 def add(
     name: Annotated[str, typer.Argument(help="Name of the new environment.")],
-    address: Annotated[str, typer.Argument(help="Its micro server's HOST:PORT.")],
+    address: Annotated[
+        str,
+        typer.Argument(
+            help="Its micro server's HOST:PORT; https://HOST:PORT, port 443 or no port at all mean TLS."
+        ),
+    ],
     description: Annotated[str, typer.Option("--description", "-d", help="A note on what it is.")] = "",
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Connect over TLS, trusting this machine's root certificates.")
+    ] = False,
+    ca_file: Annotated[
+        str,
+        typer.Option(
+            "--ca-file",
+            help="PEM file of the CA that signed the server's certificate (a private CA); implies --tls.",
+        ),
+    ] = "",
 ) -> None:
     """Add (or change) an environment."""
-    env = _envs().add(name, address, description)
-    print(f"Environment {env.name} added ({env.address}); use it with `micro env set {env.name}`")
+    env = _envs().add(name, address, description, tls=tls, ca_file=ca_file)
+    how = f"TLS, trusting {env.ca_file}" if env.ca_file else "TLS" if env.tls else "plaintext"
+    print(f"Environment {env.name} added ({env.address}, {how}); use it with `micro env set {env.name}`")
 
 
 @app.command("del")

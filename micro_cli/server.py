@@ -25,6 +25,18 @@ def server(
     profile: Annotated[
         str | None, typer.Option("--profile", help="Backend profile [env MICRO_PROFILE; local]")
     ] = None,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-cert",
+            help="PEM certificate (chain): serve TLS on the gRPC and HTTP ports; needs --tls-key "
+            "[env MICRO_TLS_CERT]",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        str | None,
+        typer.Option("--tls-key", help="PEM private key of --tls-cert, unencrypted [env MICRO_TLS_KEY]"),
+    ] = None,
 ) -> None:
     """Run the micro server (every building block) in the foreground until Ctrl-C."""
     import logging
@@ -34,5 +46,7 @@ def server(
     from micro_daemon.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.load(address=address, api_address=api_address, profile=profile)
+    settings = Settings.load(
+        address=address, api_address=api_address, profile=profile, tls_cert=tls_cert, tls_key=tls_key
+    )
     run(settings, Home.from_env())

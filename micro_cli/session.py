@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from micro.context import validate_namespace
-from micro.errors import ConnectError, MicroError
+from micro.errors import ConnectError, MicroError, TLSError
 from micro.home import Home
 from micro_cli.environments import Environment, Environments
 from micro_cli.errors import HandledError, UsageError
@@ -65,13 +65,15 @@ async def connect(*, timeout: float | None = 30.0, anonymous: bool = False) -> A
     if env.is_local:
         from micro_cli.autostart import ensure_local_daemon
 
-        address = ensure_local_daemon(Home.from_env()).address
-    transport = GrpcTransport(address)
+        address = ensure_local_daemon(Home.from_env()).client_address  # plaintext loopback even with TLS
+    transport = GrpcTransport(address, secure=env.tls, ca_file=env.ca_file or None)
     credentials = None if anonymous else find(env, namespace, Home.from_env()).credentials
     client = Client(transport, namespace=namespace, timeout=timeout, credentials=credentials)
     refresher = _keep_fresh(client)
     try:
         yield client
+    except TLSError:
+        raise  # it says what is wrong with the connection better than "cannot reach"
     except ConnectError as exc:
         raise ConnectError(_unreachable(env, address), address=address) from exc
     finally:

@@ -62,6 +62,7 @@ from micro_daemon.runtime.service import RuntimeHandler
 from micro_daemon.settings import Settings, parse_address
 from micro_daemon.store.backend import StoreBackend
 from micro_daemon.store.service import StoreHandler
+from micro_daemon.tls import TlsFiles, load_tls
 
 if TYPE_CHECKING:
     from micro_daemon.gateway import Gateway
@@ -83,7 +84,10 @@ class Daemon:
         self.settings = settings
         self.home = home
         self.address = settings.address
+        # Where this machine's services connect, plaintext: with TLS, a loopback port of its own.
+        self.local_address = settings.address
         self.api_address = settings.api_address
+        self._tls: TlsFiles | None = None
         self._gateway: Gateway | None = None
         self._lock_file: IO[str] | None = None
         self._server: grpc.aio.Server | None = None
@@ -116,20 +120,22 @@ class Daemon:
                 await self._owner.publish()  # before the state file: a CLI that sees it can sign in
             self._publish_state()  # the gRPC address answers: a waiting CLI may go on
             log.info(
-                "micro server %s listening on %s (MICRO_HOME %s)",
+                "micro server %s listening on %s%s (MICRO_HOME %s)",
                 __version__,
                 self.address,
+                f" with TLS (local services on {self.local_address})" if self._tls else "",
                 self.home.data_dir,
             )
             self._gateway = (await gateway).Gateway(
                 self._proxy, self.dispatcher, registry=self._registry, gate=self.gate
             )
-            self.api_address = await self._gateway.start(self.settings.api_address)
+            ssl_context = self._tls.ssl_context() if self._tls else None
+            self.api_address = await self._gateway.start(self.settings.api_address, ssl_context=ssl_context)
         except BaseException:
             await self.stop()
             raise
         self._publish_state()
-        log.info("API gateway on %s", self.api_address)
+        log.info("API gateway on %s://%s", "https" if self._tls else "http", self.api_address)
         log.info("profile %s: %s", self.settings.profile, self.engines())
         if not self.gate.enabled:
             log.warning("auth is disabled (--auth none): every caller acts as an administrator")
@@ -148,6 +154,8 @@ class Daemon:
                 api_address=self.api_address,
                 started=self._started,
                 version=__version__,
+                tls=self._tls is not None,
+                local_address=self.local_address,
             )
         )
 
@@ -245,7 +253,7 @@ class Daemon:
             self.home,
             store=self._store,
             registry=self._registry,
-            proxy_address=lambda: self.address,
+            proxy_address=lambda: self.local_address,
             adopt_unscoped=settings.profile == "local",  # the store is this daemon's alone
             accounts=ServiceAccounts(auth),
             register_ttl=float(settings.registry_ttl),
@@ -296,6 +304,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         host, port = parse_address(self.address)
+        self._tls = load_tls(self.settings)
         _check_port_free(host, port, self.address)
         server = grpc.aio.server(
             options=[
@@ -309,12 +318,17 @@ class Daemon:
         await self._proxy.start()
         server.add_generic_rpc_handlers((self.dispatcher, self._proxy))
         try:
-            bound = server.add_insecure_port(self.address)
+            if self._tls is None:
+                bound = server.add_insecure_port(self.address)
+            else:
+                bound = server.add_secure_port(self.address, self._tls.grpc_credentials())
         except RuntimeError:
             bound = 0
         if bound == 0:
             raise _port_error(host, port, self.address)
-        self.address = f"{host}:{bound}"
+        self.address = self.local_address = f"{host}:{bound}"
+        if self._tls is not None:
+            self.local_address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         await server.start()
         self._server = server
         await self._register_blocks()

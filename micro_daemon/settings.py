@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from micro.errors import SetupError
+from micro_daemon.tls import HINT as TLS_HINT
 
 __all__ = ["Settings", "parse_address"]
 
@@ -53,6 +54,12 @@ class Settings:
     auth_token_lifetime: str = _setting(
         "MICRO_AUTH_TOKEN_LIFETIME", "900", "seconds an access token lives unless the caller asks for less"
     )
+    tls_cert: str = _setting(
+        "MICRO_TLS_CERT",
+        "",
+        "PEM certificate (chain) served with TLS on the gRPC and API ports; needs the key",
+    )
+    tls_key: str = _setting("MICRO_TLS_KEY", "", "PEM private key of the TLS certificate (unencrypted)")
 
     @classmethod
     def load(cls, **overrides: str | None) -> Settings:
@@ -81,6 +88,18 @@ class Settings:
                 f"MICRO_AUTH_TOKEN_LIFETIME={self.auth_token_lifetime!r} is not 1 to 86400 seconds",
                 id="micro.server",
             )
+        if bool(self.tls_cert.strip()) != bool(self.tls_key.strip()):
+            given, missing = (
+                ("--tls-cert", "--tls-key") if self.tls_cert.strip() else ("--tls-key", "--tls-cert")
+            )
+            raise SetupError(
+                f"{given} is set but {missing} is not: TLS needs both; {TLS_HINT}", id="micro.server"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the daemon serves TLS (both files given; ``micro_daemon.tls`` checks them)."""
+        return bool(self.tls_cert.strip())
 
     @property
     def default_admin_disabled(self) -> bool:

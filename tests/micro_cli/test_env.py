@@ -14,7 +14,7 @@ def _rows(out: str) -> dict[str, list[str]]:
 
 def test_local_is_built_in_and_current(micro_cli):
     outcome = micro_cli("env").assert_success()
-    assert outcome.out.split()[:3] == ["NAME", "ADDRESS", "DESCRIPTION"]
+    assert outcome.out.split()[:4] == ["NAME", "ADDRESS", "TLS", "DESCRIPTION"]
     assert _rows(outcome.out)["local"][:3] == ["*", "this", "machine"]
     assert micro_cli("env", "get").out == "local\n"
 
@@ -22,7 +22,7 @@ def test_local_is_built_in_and_current(micro_cli):
 def test_add_set_get_and_del(micro_cli):
     micro_cli("env", "add", "prod", "10.0.0.5:8081", "-d", "production").assert_success()
     rows = _rows(micro_cli("env").out)
-    assert rows["prod"] == [" ", "10.0.0.5:8081", "production"]
+    assert rows["prod"] == [" ", "10.0.0.5:8081", "no", "production"]
     assert rows["local"][0] == "*"
 
     micro_cli("env", "set", "prod").assert_success()
@@ -43,7 +43,7 @@ def test_json_listing_marks_the_current_one(micro_cli):
 
 def test_an_address_without_a_port_is_tls_on_443(micro_cli):
     micro_cli("env", "add", "cloud", "api.example.com").assert_success()
-    assert _rows(micro_cli("env").out)["cloud"][1] == "api.example.com:443"
+    assert _rows(micro_cli("env").out)["cloud"][1:3] == ["api.example.com:443", "yes"]
 
 
 def test_set_of_an_unknown_environment_names_the_known_ones(micro_cli):
