@@ -37,6 +37,20 @@ def server(
         str | None,
         typer.Option("--tls-key", help="PEM private key of --tls-cert, unencrypted [env MICRO_TLS_KEY]"),
     ] = None,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            "--auth",
+            help="jwt: accounts, tokens and rules enforced; none: everyone is an admin [env MICRO_AUTH; jwt]",
+        ),
+    ] = None,
+    disable_default_admin: Annotated[
+        bool,
+        typer.Option(
+            "--disable-default-admin",
+            help="Never create the admin/micro account (shared platforms) [env MICRO_AUTH_DISABLE_ADMIN]",
+        ),
+    ] = False,
 ) -> None:
     """Run the micro server (every building block) in the foreground until Ctrl-C."""
     import logging
@@ -47,6 +61,12 @@ def server(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.load(
-        address=address, api_address=api_address, profile=profile, tls_cert=tls_cert, tls_key=tls_key
+        address=address,
+        api_address=api_address,
+        profile=profile,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        auth=auth,
+        auth_disable_admin="1" if disable_default_admin else None,
     )
     run(settings, Home.from_env())

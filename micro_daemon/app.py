@@ -42,10 +42,11 @@ from micro.proto import (
 from micro.schema import endpoints
 from micro_daemon.auth.engine import AuthEngine
 from micro_daemon.auth.gate import Gate
-from micro_daemon.auth.keys import KeyPair
+from micro_daemon.auth.keys import PRIVATE_KEY_ENV, KeyPair
 from micro_daemon.auth.owner import RENEW_INTERVAL, OwnerCredential
 from micro_daemon.auth.service import AccountsHandler, AuthHandler, RulesHandler
 from micro_daemon.auth.service_accounts import ServiceAccounts
+from micro_daemon.auth.shared_key import load_or_create_shared
 from micro_daemon.broker.backend import BrokerBackend
 from micro_daemon.broker.service import BrokerHandler
 from micro_daemon.config.engine import ConfigEngine
@@ -229,11 +230,22 @@ class Daemon:
     def _admit(self, context: Context) -> None:
         self.gate.admit_block(context)
 
-    async def _open_auth(self, store: StoreBackend) -> AuthEngine | None:
+    async def _open_auth(self, store: StoreBackend, secrets: SecretBox) -> AuthEngine | None:
         if self.settings.auth == "none":
             return None
-        # Generating a key pair takes a moment: off the loop.
-        keys = await asyncio.to_thread(KeyPair.load_or_create, self.home.config_dir)
+        shared = self.settings.profile == "platform" and not os.environ.get(PRIVATE_KEY_ENV)
+        if shared and os.environ.get(KEY_ENV):
+            keys = await load_or_create_shared(store, secrets)  # every daemon signs with the same key
+        else:
+            if shared:
+                log.warning(
+                    "%s is not set: this daemon signs tokens with its own key, which other daemons of "
+                    "the platform do not accept; set it (or %s) the same on every daemon",
+                    KEY_ENV,
+                    PRIVATE_KEY_ENV,
+                )
+            # Generating a key pair takes a moment: off the loop.
+            keys = await asyncio.to_thread(KeyPair.load_or_create, self.home.config_dir)
         engine = AuthEngine(
             store,
             keys,
@@ -247,7 +259,8 @@ class Daemon:
         settings, data = self.settings, self.home.data_dir
         self._store = await open_engine("store", settings.store_address, settings.profile, data)
         self._registry = await open_engine("registry", settings.registry_address, settings.profile, data)
-        auth = await self._open_auth(self._store)
+        secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
+        auth = await self._open_auth(self._store, secrets)
         self.gate = Gate(auth)
         self._runtime = Runtime(
             self.home,
@@ -258,7 +271,6 @@ class Daemon:
             accounts=ServiceAccounts(auth),
             register_ttl=float(settings.registry_ttl),
         )
-        secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
         self._broker = await open_engine("broker", settings.broker_address, settings.profile, data)
         self._events = await open_engine("events", settings.events_address, settings.profile, data)
         config = ConfigEngine(self._store, secrets)

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -293,3 +294,36 @@ async def test_the_runtime_isolates_namespaces(daemon: Daemon, tenants: dict[str
             await refused(RuntimeClient(spoofing).read(), Forbidden)
             await refused(RuntimeClient(spoofing).delete("anything"), Forbidden)
         assert await RuntimeClient(bob).read() == []
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+async def started(**settings: str) -> Daemon:
+    from micro.home import Home
+    from micro_daemon.settings import Settings
+
+    running = Daemon(Settings.load(**settings), Home.from_env())
+    await running.start()
+    return running
+
+
+async def test_without_the_default_admin_only_the_owner_gets_in(micro_home: Path) -> None:
+    running = await started(auth_disable_admin="1")
+    try:
+        async with client(running, None) as anonymous:
+            await refused(AuthClient(anonymous).token(id="admin", secret="micro"), Unauthorized)
+        async with Client(GrpcTransport(running.address), timeout=10) as owner:  # the way in
+            assert [a.id for a in await AuthClient(owner).list()] == ["owner"]
+    finally:
+        await running.stop(grace=0)
+
+
+async def test_with_auth_off_anyone_is_an_administrator(micro_home: Path) -> None:
+    running = await started(auth="none")
+    try:
+        async with client(running, None, namespace="team-a") as anonymous:
+            await StoreClient(anonymous).write("k", b"v")
+            assert (await StoreClient(anonymous, database="team-b").read("k", prefix=True)) == []
+    finally:
+        await running.stop(grace=0)
