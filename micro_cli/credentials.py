@@ -28,7 +28,7 @@ import os
 import stat
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from micro.home import Home, write_private
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from micro.credentials import Credentials, TokenSet
     from micro_cli.environments import Environment
 
-__all__ = ["Found", "Login", "TokenStore", "find", "os_keyring"]
+__all__ = ["CredentialsFileError", "Found", "KeyringError_", "Login", "TokenStore", "find", "os_keyring"]
 
 KEYRING_SERVICE = "micro"
 _OS_BACKENDS = (
@@ -102,22 +102,37 @@ class TokenStore:
 
     def save(self, env: str, namespace: str, login: Login) -> Login:
         """Save a new login where it belongs (a real keyring, else the file); return it with ``where``."""
+        entry: dict[str, Any] | None = None
         backend = os_keyring()
         if backend is not None:
             try:
-                return self._to_keyring(backend, env, namespace, login)
+                entry = self._to_keyring(backend, env, namespace, login)
             except Exception as exc:  # a keyring backend may raise anything (D-Bus, a locked vault)
                 _warn(f"could not save to the keyring ({exc}): saving to {self.path} instead")
-        return self._to_file(env, namespace, login)
+        with self._editing() as entries:
+            old = entries.get(_key(env, namespace))
+            entries[_key(env, namespace)] = entry or _entry(login)
+        if entry is None and old and old.get("keyring"):  # moved out of a keyring: leave nothing behind
+            self._forget_keyring(env, namespace, old)
+        return self._placed(login, entry)
 
-    def update(self, env: str, namespace: str, login: Login) -> Login:
-        """Save renewed tokens of a login in the same place as before."""
-        entry = self._entries().get(_key(env, namespace), {})
-        name = entry.get("keyring")
-        if name:
-            with contextlib.suppress(Exception):
-                return self._to_keyring(_load_backend(name), env, namespace, login)
-        return self._to_file(env, namespace, login)
+    def update(self, env: str, namespace: str, login: Login) -> Login | None:
+        """Save a login's renewed tokens where it is; ``None`` if it was logged out or replaced meanwhile."""
+        key = _key(env, namespace)
+        with self._editing() as entries:
+            old = entries.get(key)
+            if not old or old.get("account") != login.account:
+                return None
+            if old.get("refresh_token", login.refresh_token) != login.refresh_token:
+                return None
+            entry = None
+            if old.get("keyring"):
+                try:
+                    entry = self._to_keyring(_load_backend(old["keyring"]), env, namespace, login)
+                except Exception:
+                    return None  # kept in memory for this command; the next one renews again
+            entries[key] = entry or _entry(login)
+        return self._placed(login, entry)
 
     def delete(self, env: str, namespace: str) -> Login | None:
         """Forget the login (in the keyring too); return what was there."""
@@ -128,24 +143,24 @@ class TokenStore:
         with self._editing() as entries:
             entry = entries.pop(_key(env, namespace), None)
         if entry and entry.get("keyring"):
-            with contextlib.suppress(Exception):
-                _load_backend(entry["keyring"]).delete_password(KEYRING_SERVICE, self._user(env, namespace))
+            self._forget_keyring(env, namespace, entry)
         return login
 
-    def _to_file(self, env: str, namespace: str, login: Login) -> Login:
-        with self._editing() as entries:
-            entries[_key(env, namespace)] = _entry(login)
-        return _with_where(login, str(self.path))
-
-    def _to_keyring(self, backend: KeyringBackend, env: str, namespace: str, login: Login) -> Login:
+    def _to_keyring(self, backend: KeyringBackend, env: str, namespace: str, login: Login) -> dict[str, Any]:
+        """Put the tokens in ``backend``; return the file's entry for them (no tokens)."""
         secret = {"access_token": login.access_token, "refresh_token": login.refresh_token}
         backend.set_password(KEYRING_SERVICE, self._user(env, namespace), json.dumps(secret))
-        name = f"{type(backend).__module__}.{type(backend).__qualname__}"
-        with self._editing() as entries:
-            entry = _entry(login)
-            del entry["access_token"], entry["refresh_token"]
-            entries[_key(env, namespace)] = {**entry, "keyring": name}
-        return _with_where(login, f"the keyring ({name})")
+        entry = _entry(login)
+        del entry["access_token"], entry["refresh_token"]
+        return {**entry, "keyring": f"{type(backend).__module__}.{type(backend).__qualname__}"}
+
+    def _forget_keyring(self, env: str, namespace: str, entry: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            _load_backend(entry["keyring"]).delete_password(KEYRING_SERVICE, self._user(env, namespace))
+
+    def _placed(self, login: Login, entry: dict[str, Any] | None) -> Login:
+        where = f"the keyring ({entry['keyring']})" if entry else str(self.path)
+        return replace(login, where=where)
 
     def _from_keyring(self, env: str, namespace: str, entry: dict[str, Any]) -> Login:
         name = str(entry["keyring"])
@@ -295,12 +310,6 @@ def _login(entry: dict[str, Any], *, where: str) -> Login:
         raise CredentialsFileError(
             f"the saved login is damaged ({exc!r}): run `micro logout` then `micro login`"
         ) from exc
-
-
-def _with_where(login: Login, where: str) -> Login:
-    from dataclasses import replace
-
-    return replace(login, where=where)
 
 
 def _warn(message: str) -> None:

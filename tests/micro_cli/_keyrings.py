@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from jaraco.classes import properties
 from keyring.backend import KeyringBackend
 from keyring.errors import KeyringLocked, PasswordDeleteError
 
@@ -41,7 +42,20 @@ class LockedKeyring(KeyringBackend):
 
 
 class FakeSecretService(MemoryKeyring):
-    """Stands for the Secret Service backend in backend selection (same module name)."""
+    """Stands for the Secret Service backend in backend selection (same module name).
+
+    keyring's own detection sees every subclass of ``KeyringBackend``: this
+    one is viable only while a test sets ``viable``, so detection elsewhere
+    never picks it.
+    """
+
+    viable: ClassVar[bool] = False
+
+    @properties.classproperty
+    def priority(cls) -> float:
+        if not cls.viable:
+            raise RuntimeError("only for the backend selection test")
+        return 5
 
 
 FakeSecretService.__module__ = "keyring.backends.SecretService"

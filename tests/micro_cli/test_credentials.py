@@ -29,8 +29,8 @@ REMOTE = Environment("prod", "10.0.0.5:8081", "")
 
 @pytest.fixture(autouse=True)
 def isolated_keyring(monkeypatch, tmp_path):
-    """No keyring chosen, no keyring config file, and an empty memory keyring."""
-    monkeypatch.delenv("PYTHON_KEYRING_BACKEND", raising=False)
+    """No keyring (tests choose one), no keyring config file, and an empty memory keyring."""
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     monkeypatch.delenv("MICRO_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))  # keyring's own config file
     MemoryKeyring.secrets.clear()
@@ -68,14 +68,17 @@ def test_a_chosen_backend_that_cannot_load_means_the_file(monkeypatch, capsys):
 
 
 def test_without_a_choice_only_real_os_backends_are_picked(monkeypatch):
+    monkeypatch.delenv("PYTHON_KEYRING_BACKEND")
     not_os = [fail.Keyring(), null.Keyring(), MemoryKeyring()]  # MemoryKeyring stands for keyrings.alt
     monkeypatch.setattr(keyring.backend, "get_all_keyring", lambda: not_os)
     assert os_keyring() is None
+    monkeypatch.setattr(FakeSecretService, "viable", True)
     monkeypatch.setattr(keyring.backend, "get_all_keyring", lambda: [*not_os, FakeSecretService()])
     assert isinstance(os_keyring(), FakeSecretService)
 
 
 def test_headless_detection_finds_no_keyring(monkeypatch):
+    monkeypatch.delenv("PYTHON_KEYRING_BACKEND")
     monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
     found = os_keyring()
     assert found is None or type(found).__module__.startswith("keyring.backends.")
@@ -89,8 +92,7 @@ def test_without_keyring_installed_the_file_is_used(store, monkeypatch):
     assert store.save("local", "micro", _login()).where == str(store.path)
 
 
-def test_the_file_keeps_logins_per_environment_and_namespace(store, monkeypatch):
-    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+def test_the_file_keeps_logins_per_environment_and_namespace(store):
     store.save("local", "micro", _login("alice"))
     store.save("local", "team", _login("tina"))
     store.save("prod", "micro", _login("bob", "10.0.0.5:8081"))
@@ -106,8 +108,7 @@ def test_the_file_keeps_logins_per_environment_and_namespace(store, monkeypatch)
     assert store.delete("local", "micro") is None
 
 
-def test_a_group_readable_file_is_refused(store, monkeypatch):
-    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+def test_a_group_readable_file_is_refused(store):
     store.save("local", "micro", _login())
     os.chmod(store.path, 0o604)
     with pytest.raises(SetupError, match=rf"run chmod 600 {store.path}"):
@@ -122,8 +123,7 @@ def test_a_damaged_file_is_reported(store):
         store.load("local", "micro")
 
 
-def test_a_loose_folder_is_made_private(store, monkeypatch):
-    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+def test_a_loose_folder_is_made_private(store):
     store.path.parent.mkdir(parents=True, mode=0o755)
     os.chmod(store.path.parent, 0o755)
     store.save("local", "micro", _login())
@@ -152,6 +152,26 @@ def test_renewed_tokens_go_back_where_the_login_is(store, monkeypatch):
     store.update("local", "micro", renewed)
     assert "keyring" in _file(store)["local/micro"]
     assert store.load("local", "micro").access_token == "access-2"
+
+
+def test_a_renewal_does_not_bring_back_a_logged_out_or_replaced_login(store):
+    alice = _login("alice")
+    store.save("local", "micro", alice)
+    store.delete("local", "micro")  # `micro logout` while `micro logs -f` runs
+    assert store.update("local", "micro", alice) is None
+    assert store.load("local", "micro") is None
+    store.save("local", "micro", _login("bob"))  # `micro login` as someone else meanwhile
+    assert store.update("local", "micro", alice) is None
+    assert store.load("local", "micro").account == "bob"
+
+
+def test_a_login_saved_to_the_file_leaves_nothing_in_the_keyring(store, monkeypatch):
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", MEMORY)
+    store.save("local", "micro", _login())
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+    assert store.save("local", "micro", _login("bob")).where == str(store.path)
+    assert MemoryKeyring.secrets == {}
+    assert store.load("local", "micro").account == "bob"
 
 
 def test_logout_removes_the_keyring_item(store, monkeypatch):
@@ -183,7 +203,6 @@ def test_find_prefers_the_variable_then_the_login_then_the_owner(store, monkeypa
     assert isinstance(find(LOCAL, "micro", store.home).credentials, OwnerToken)
     remote = find(REMOTE, "micro", store.home)
     assert (remote.credentials, remote.source) == (None, "none")
-    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     store.save("local", "micro", _login())
     store.save("prod", "micro", _login("bob", REMOTE.address))
     found = find(LOCAL, "micro", store.home)
@@ -196,8 +215,7 @@ def test_find_prefers_the_variable_then_the_login_then_the_owner(store, monkeypa
     assert found.source == "variable" and isinstance(found.credentials, StaticToken)
 
 
-def test_a_login_for_another_address_is_not_used(store, monkeypatch):
-    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+def test_a_login_for_another_address_is_not_used(store):
     store.save("prod", "micro", _login("bob", "10.9.9.9:8081"))
     assert find(REMOTE, "micro", store.home).source == "none"
 
