@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -123,4 +124,6 @@ app.add_typer(debug.app, name="debug")
 
 
 def main() -> None:
+    # gRPC's C core logs a failed TLS handshake on stderr before our one-line message says what to do.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     app()
