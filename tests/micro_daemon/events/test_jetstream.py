@@ -11,12 +11,10 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -26,6 +24,7 @@ from micro.errors import ServiceUnavailable, SetupError
 from micro.testing.messaging import EventsContract
 from micro_daemon.events.backend import ConsumeSpec, EventsBackend, PublishItem, Retention, Start
 from micro_daemon.events.jetstream import JetStreamEvents, open_jetstream
+from tests._engines import PrivateNats
 
 NATS_URL = os.environ.get("MICRO_TEST_NATS", "nats://127.0.0.1:4222")
 NS = "ns"
@@ -252,41 +251,17 @@ async def test_a_lost_connection_is_service_unavailable(address: str) -> None:
     await events.close()
 
 
-@pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
-    """A NATS server of this test's own (so it can be restarted): its address and command."""
-    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-    if not Path(binary).exists():
-        pytest.fail("nats-server is not installed: these tests need it")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path)]
-    yield f"nats://127.0.0.1:{port}", command
-
-
-async def _serve(command: list[str]) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    port = int(command[command.index("-p") + 1])
-    for _ in range(100):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-            return server
-        await asyncio.sleep(0.05)
-    server.kill()
-    pytest.fail("the private nats-server did not start")
-
-
-async def test_consumers_resume_after_nats_restarts(private_nats: tuple[str, list[str]]) -> None:
-    url, command = private_nats
-    server = await _serve(command)
+async def test_consumers_resume_after_nats_restarts(tmp_path: Path) -> None:
+    server = PrivateNats(tmp_path)  # of its own, to restart
+    server.start()
+    url = server.url
     try:
         events = await _open(url)
         consumer = await events.consume(NS, "t", ConsumeSpec(group="g", auto_ack=False, ack_wait=30))
         await events.publish_many(NS, [PublishItem("t", b"%d" % i) for i in range(3)])
         first = await asyncio.wait_for(anext(consumer), 5)
         await consumer.ack(first.id)
-        server.terminate()
-        server.wait(10)
+        await asyncio.to_thread(server.stop)
         for _ in range(100):
             if await events.health() != "ok":
                 break
@@ -296,7 +271,7 @@ async def test_consumers_resume_after_nats_restarts(private_nats: tuple[str, lis
         with pytest.raises(ServiceUnavailable, match=f"events engine: not connected to NATS at {url}"):
             await events.publish(NS, "t", b"during")
         assert asyncio.get_running_loop().time() - began < 1  # at once, not after a timeout
-        server = await _serve(command)
+        await asyncio.to_thread(server.start)
         second = await asyncio.wait_for(anext(consumer), 10)
         assert second.sequence == 2
         await consumer.ack(second.id)
@@ -305,5 +280,4 @@ async def test_consumers_resume_after_nats_restarts(private_nats: tuple[str, lis
         await consumer.close()
         await events.close()
     finally:
-        server.kill()
-        server.wait(10)
+        server.close()
