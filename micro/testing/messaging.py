@@ -224,8 +224,12 @@ class EventsContract:
 
     The subclass provides an async ``events`` fixture yielding an open, empty
     backend with the default ``Retention``, and ``reopen`` (see the module
-    docstring). Backends reopened by a test are closed by it.
+    docstring). Backends reopened by a test are closed by it. An engine whose
+    consumers never hand out several events at once (``Consumer.take_ready``
+    left to its default) sets ``batches = False``.
     """
+
+    batches: ClassVar[bool] = True
 
     async def reopen(self, events: EventsBackend, retention: Retention | None = None) -> EventsBackend:
         """Close ``events`` and open a new backend over the same data, with ``retention`` if given."""
@@ -480,6 +484,36 @@ class EventsContract:
         await _publish(events, "t", 1)
         assert _seqs(await _take(second, 1)) == [3]
         await second.close()
+
+    async def test_take_ready_hands_out_what_is_ready_in_order(self, events: EventsBackend) -> None:
+        await _publish(events, "t", 300)
+        consumer = await events.consume(NS, "t", ConsumeSpec(group="g", start=Start.BEGINNING))
+        got: list[events_pb2.Event] = []
+        largest = 0
+        while len(got) < 300:
+            got.append(await _within(anext(consumer)))
+            ready = await _within(consumer.take_ready(300 - len(got)))
+            largest = max(largest, len(ready))
+            got += ready
+        assert _seqs(got) == list(range(1, 301))
+        assert await _within(consumer.take_ready(10), SHORT) == []  # nothing ready: no waiting
+        if self.batches:
+            assert largest > 1
+        await consumer.close()
+
+    async def test_take_ready_keeps_within_max_in_flight(self, events: EventsBackend) -> None:
+        await _publish(events, "t", 20)
+        consumer = await events.consume(NS, "t", _manual(start=Start.BEGINNING, max_in_flight=5))
+        held = [await _within(anext(consumer))]
+        for _ in range(10):
+            held += await _within(consumer.take_ready(20))
+            assert len(held) <= 5
+        for event in held:
+            await consumer.ack(event.id)
+        more = [await _within(anext(consumer))]
+        more += await _within(consumer.take_ready(20))
+        assert _seqs(held + more) == list(range(1, len(held + more) + 1))
+        await consumer.close()
 
     async def test_closed_consumer_and_backend_end_iteration(self, events: EventsBackend) -> None:
         closed = await events.consume(NS, "t", ConsumeSpec(group="a"))

@@ -118,6 +118,17 @@ class Member(Consumer):
                 await self._pull()
                 await self._wait()
 
+    async def take_ready(self, limit: int) -> list[events_pb2.Event]:
+        """Up to ``limit`` of the events already fetched (a pull brings up to ``MAX_WINDOW``)."""
+        events: list[events_pb2.Event] = []
+        while self._buffer and len(events) < limit and not self.closed and self._failure is None:
+            if not self.spec.auto_ack and len(self._held) >= self.spec.max_in_flight:
+                break
+            event = self._hand(self._buffer.popleft())
+            if event is not None:
+                events.append(event)
+        return events
+
     async def ack(self, id: str) -> None:
         held = self._take(id)
         with map_nats_exceptions(self.host.link.address):
