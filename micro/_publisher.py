@@ -61,9 +61,10 @@ class _Stream:
         self.requests.put_nowait(request)
         return answer
 
-    def close(self) -> None:
-        self.closing = True
-        self.requests.put_nowait(None)
+    def _close_idle(self) -> None:
+        if not self.waiting and not self.closing:
+            self.closing = True
+            self.requests.put_nowait(None)
 
     async def _outgoing(self) -> AsyncIterator[events_pb2.PublishRequest]:
         while (request := await self.requests.get()) is not None:
@@ -76,6 +77,10 @@ class _Stream:
                 waiter = self.waiting.popleft()
                 if not waiter.done():
                     waiter.set_result(answer)
+                if not self.waiting:
+                    if self.idle is not None:
+                        self.idle.cancel()
+                    self.idle = self.loop.call_later(IDLE, self._close_idle)
             failure = ServiceUnavailable("the publish stream ended", id=_SERVICE)
         except NotImplementedError:
             failure = _Unsupported()
@@ -115,16 +120,14 @@ class _Publisher:
 
     async def _over_stream(self, request: events_pb2.PublishRequest) -> tuple[str, int]:
         stream = self._open()
-        answer = stream.send(request)
+        answer = stream.send(request)  # this caller's own: it may give up on it (time out, cancel)
+        timeout = _timeout(self.client)
+        expiry = stream.loop.call_later(timeout, _expire, answer) if timeout is not None else None
         try:
-            result = await asyncio.wait_for(asyncio.shield(answer), _timeout(self.client))
-        except TimeoutError:
-            raise Timeout("request timed out", id=_SERVICE) from None
+            result = await answer
         finally:
-            if not stream.waiting and not stream.closing:
-                if stream.idle is not None:
-                    stream.idle.cancel()
-                stream.idle = stream.loop.call_later(IDLE, self._close_idle, stream)
+            if expiry is not None:
+                expiry.cancel()
         if result.HasField("error"):
             error = result.error
             raise error_for_code(error.code, error.detail, id=error.id)
@@ -136,12 +139,6 @@ class _Publisher:
             stream = self._stream = _Stream(self.client)
         return stream
 
-    def _close_idle(self, stream: _Stream) -> None:
-        if not stream.waiting and not stream.closing:
-            stream.close()
-            if self._stream is stream:
-                self._stream = None
-
 
 def _timeout(client: Client) -> float | None:
     """The client's timeout, shortened to the deadline of the call being served, if any."""
@@ -150,6 +147,11 @@ def _timeout(client: Client) -> float | None:
     if remaining is None:
         return client.timeout
     return remaining if client.timeout is None else min(remaining, client.timeout)
+
+
+def _expire(answer: asyncio.Future[events_pb2.PublishResult]) -> None:
+    if not answer.done():  # its answer, when it comes, is dropped: the outcome is unknown, as a call's
+        answer.set_exception(Timeout("request timed out", id=_SERVICE))
 
 
 def _copy(failure: BaseException) -> BaseException:

@@ -9,7 +9,7 @@ a power loss). Reads run on a few read-only connections in worker threads; WAL
 lets them proceed while a write commits. Nothing here blocks the event loop.
 
 With ``NORMAL``, a short write may instead commit on the calling thread (the
-event loop) when the writer thread is idle: without an fsync it takes tens of
+event loop, ``write_now``) when the writer thread is idle: without an fsync it takes tens of
 microseconds, less than the hop to the thread and back. Checkpoints, which do
 fsync, then never run there: such a connection does not checkpoint by itself
 (``wal_autocheckpoint=0``), and the writer thread, which every
@@ -319,23 +319,32 @@ class SQLiteFile:
             raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
         return self._readers.run(read)
 
-    async def write(self, apply: Callable[[sqlite3.Connection], T], *, short: bool = False) -> T:
+    def write_now(self, apply: Callable[[sqlite3.Connection], T]) -> tuple[T] | None:
+        """Commit ``apply(conn)`` on the calling thread if allowed (``NORMAL``) and the writer is
+        idle: its result, in a 1-tuple. Otherwise ``None``, and nothing was done: use ``write``.
+
+        Only for short writes (a few rows): the event loop waits for the commit.
+        """
+        writer = self._open_writer()
+        return (writer.apply_inline(apply),) if writer.try_inline() else None
+
+    async def write(self, apply: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``apply(conn)`` in the writer's next transaction; return its result once durable.
 
-        ``short``: a write of a few rows, which with ``NORMAL`` may commit on
-        the calling thread (see the module docstring). Cancelling the caller
-        before the writer takes the write drops it; after that, the write
-        still commits.
+        Cancelling the caller before the writer takes the write drops it; after
+        that, the write still commits.
         """
+        writer = self._open_writer()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        writer.queue.put(_Write(apply, future))
+        return await asyncio.wrap_future(future)
+
+    def _open_writer(self) -> _Writer:
         if self._closed or self._writer is None:
             raise ServiceUnavailable(f"{self.block} is closed", id=self.block)
         if not self._writer.is_alive():
             raise ServiceUnavailable(f"{self.block} writer thread stopped", id=self.block)
-        if short and self._writer.try_inline():
-            return self._writer.apply_inline(apply)
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._writer.queue.put(_Write(apply, future))
-        return await asyncio.wrap_future(future)
+        return self._writer
 
     def status(self) -> str:
         """``ok``, ``not open``, ``closed`` or ``writer thread stopped``; runs no query."""

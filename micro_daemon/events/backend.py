@@ -53,6 +53,7 @@ __all__ = [
     "Retention",
     "Start",
     "check_item",
+    "check_items",
     "validate_topic",
 ]
 
@@ -156,6 +157,20 @@ class Retention:
 def check_item(item: PublishItem, limit: int = MAX_EVENT_BYTES) -> None:
     """Validate an event to publish: its topic, and its size (payload plus metadata) against ``limit``."""
     validate_topic(item.topic)
+    _check_size(item, limit)
+
+
+def check_items(items: Sequence[PublishItem], limit: int = MAX_EVENT_BYTES) -> None:
+    """``check_item`` each of ``items``, checking each distinct topic once."""
+    topics: set[str] = set()
+    for item in items:
+        if item.topic not in topics:
+            validate_topic(item.topic)
+            topics.add(item.topic)
+        _check_size(item, limit)
+
+
+def _check_size(item: PublishItem, limit: int) -> None:
     if item.timestamp_ns < 0:
         raise BadRequest(
             f"timestamp must be 0 (now) or unix nanoseconds, not {item.timestamp_ns}", id=ERROR_ID

@@ -1,8 +1,9 @@
 """A consumer group of the embedded engine: hands events to its consumers.
 
 Consumers pull: each ``__anext__`` takes the group's next event (redeliveries
-first, then fresh events from a shared buffer filled from the log in batches),
-so the consumers of a group share its events one at a time.
+first, then fresh events from a shared buffer filled from the log in batches,
+or by the publish that committed them when the group had read up to them), so
+the consumers of a group share its events one at a time.
 
 What must be saved before an event leaves (``saving`` writes it): an auto-ack
 hand-over must be durable first, or a crash would deliver the event twice; to
@@ -103,6 +104,11 @@ class Group(SavedGroup):
         self._timer: asyncio.TimerHandle | None = None
         self._window = 1
         self._reserved_at = 0.0
+
+    def reads_next(self, seq: int) -> bool:
+        """Whether ``seq`` is the event this group would read next from the log, for a consumer."""
+        following = self.buffer[-1].sequence + 1 if self.buffer else self.next_seq
+        return following == seq and self._filling is None and bool(self.consumers)
 
     def lag(self, first_seq: int) -> int:
         """Events of the topic not done by the group yet."""

@@ -21,9 +21,10 @@ from micro_daemon.events.backend import Retention
 __all__ = ["Append", "EventLog", "GroupState", "GroupStats", "GroupWrite", "TopicStats"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Append:
-    """An event to append; the log assigns its sequence."""
+    """An event to append; the log assigns its sequence. Not changed once made (not frozen: a
+    frozen dataclass costs about a microsecond more to make, paid per event)."""
 
     topic: str
     id: str
@@ -81,6 +82,13 @@ class EventLog(abc.ABC):
     ) -> list[tuple[int, int]]:
         """Append events and write group states in one transaction; return ``(sequence, timestamp_ns)``
         of each append (a timestamp of 0 becomes the commit time)."""
+
+    def commit_now(
+        self, namespace: str, appends: Sequence[Append], groups: Sequence[GroupWrite]
+    ) -> list[tuple[int, int]] | None:
+        """``commit`` on the calling thread, if this log can do it without waiting (a short write
+        to an idle writer); ``None`` when it cannot, having written nothing. By default never."""
+        return None
 
     @abc.abstractmethod
     async def last_seq(self, namespace: str, topic: str) -> int:

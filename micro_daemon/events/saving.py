@@ -15,7 +15,7 @@ import heapq
 import logging
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from micro.errors import InternalServerError, MicroError, error_for_code
@@ -58,12 +58,25 @@ class TopicState:
         self.groups: dict[str, Group] = {}
         self.loading: dict[str, asyncio.Future[Group]] = {}
 
-    def advance(self, seq: int) -> None:
-        """Record that ``seq`` was committed and wake the groups waiting for events."""
-        if seq > self.last_seq:
-            self.last_seq = seq
-            for group in self.groups.values():
-                group.wake()
+    def advance(self, seq: int, event: Callable[[], events_pb2.Event] | None = None) -> None:
+        """Record that ``seq`` was committed and wake the groups waiting for events.
+
+        ``event`` makes the event: the groups that would read it next from the
+        log get it in their buffer instead (a copy each), sparing them a read.
+        """
+        if seq <= self.last_seq:
+            return
+        self.last_seq = seq
+        made: events_pb2.Event | None = None
+        for group in self.groups.values():
+            if event is not None and group.reads_next(seq):
+                if made is None:
+                    made = copy = event()
+                else:
+                    copy = events_pb2.Event()
+                    copy.CopyFrom(made)
+                group.buffer.append(copy)
+            group.wake()
 
 
 class Pending:

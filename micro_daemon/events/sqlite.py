@@ -110,11 +110,16 @@ def _commit(
     last: dict[str, int] = {}
     rows, results = [], []
     now = time.time_ns()
+    metadata: Mapping[str, str] | None = None
+    encoded = _NO_METADATA
     for append in appends:
-        seq = (last[append.topic] if append.topic in last else _last_seq(conn, namespace, append.topic)) + 1
-        last[append.topic] = seq
+        topic = append.topic
+        seq = (last[topic] if topic in last else _last_seq(conn, namespace, topic)) + 1
+        last[topic] = seq
         ts = append.timestamp_ns or now
-        rows.append((namespace, append.topic, seq, append.id, ts, _encode(append.metadata), append.payload))
+        if append.metadata != metadata:  # events of a batch mostly share their metadata
+            metadata, encoded = append.metadata, _encode(append.metadata)
+        rows.append((namespace, topic, seq, append.id, ts, encoded, append.payload))
         results.append((seq, ts))
     conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     conn.executemany(
@@ -222,9 +227,15 @@ class _SQLiteLog(EventLog):
     async def commit(
         self, namespace: str, appends: Sequence[Append], groups: Sequence[GroupWrite]
     ) -> list[tuple[int, int]]:
-        return await self.file.write(
-            lambda conn: _commit(conn, namespace, appends, groups), short=_short(appends, groups)
-        )
+        return await self.file.write(lambda conn: _commit(conn, namespace, appends, groups))
+
+    def commit_now(
+        self, namespace: str, appends: Sequence[Append], groups: Sequence[GroupWrite]
+    ) -> list[tuple[int, int]] | None:
+        if not _short(appends, groups):
+            return None
+        done = self.file.write_now(lambda conn: _commit(conn, namespace, appends, groups))
+        return done[0] if done is not None else None
 
     async def last_seq(self, namespace: str, topic: str) -> int:
         return await self.file.read(lambda conn: _last_seq(conn, namespace, topic))

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from micro.proto import events_pb2
+from micro_daemon.events.backend import ConsumeSpec
+from micro_daemon.events.engine import new_ids
+from micro_daemon.events.memory import MemoryEvents
+
+
+def test_new_ids_are_distinct_uuid4s() -> None:
+    ids = new_ids(5000) + new_ids(5000)
+    assert len(set(ids)) == 10_000
+    for value in ids[:50] + ids[-50:]:
+        parsed = uuid.UUID(value)
+        assert str(parsed) == value
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert new_ids(0) == []
+
+
+async def test_a_caught_up_group_gets_new_events_without_reading_the_log(monkeypatch: Any) -> None:
+    events = MemoryEvents()
+    reads = 0
+    fetch = events.log.fetch
+
+    async def counted(*args: Any) -> list[events_pb2.Event]:
+        nonlocal reads
+        reads += 1
+        return await fetch(*args)
+
+    monkeypatch.setattr(events.log, "fetch", counted)
+    try:
+        delivered: list[events_pb2.Event] = []
+        first = await events.consume("ns", "t", ConsumeSpec(group="a"))
+        second = await events.consume("ns", "t", ConsumeSpec(group="b", auto_ack=False))
+        for n in range(3):
+            await events.publish("ns", "t", b"%d" % n, {"k": "v"})
+            got = [await asyncio.wait_for(anext(consumer), 5) for consumer in (first, second)]
+            assert [(e.sequence, e.payload, dict(e.metadata), e.attempt) for e in got] == [
+                (n + 1, b"%d" % n, {"k": "v"}, 1)
+            ] * 2
+            assert got[0] is not got[1]
+            delivered.append(got[0])
+            await second.ack(got[1].id)
+        assert reads == 0
+        stored = await events.read("ns", "t")
+        assert [(e.id, e.timestamp) for e in delivered] == [(e.id, e.timestamp) for e in stored]
+        await first.close()
+        await second.close()
+    finally:
+        await events.close()
