@@ -170,18 +170,19 @@ asyncio.run(main())
 def test_every_acknowledged_write_survives_a_kill(home):
     assert micro("store", "list").returncode == 0
     daemon = state(home)
-    writer = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", WRITER, daemon["address"]],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    assert writer.stdout is not None
-    acknowledged = [writer.stdout.readline().strip() for _ in range(400)]
-    os.kill(daemon["pid"], signal.SIGKILL)
-    rest, err = writer.communicate(timeout=30)
-    acknowledged += rest.split()
-    assert writer.returncode == 0, err  # it stopped on the connection error, not on a bug
+    ) as writer:
+        assert writer.stdout is not None and writer.stderr is not None
+        acknowledged = [writer.stdout.readline().strip() for _ in range(400)]
+        os.kill(daemon["pid"], signal.SIGKILL)
+        # The same buffered reader: communicate() would miss what readline() already buffered.
+        rest, err = writer.stdout.read(), writer.stderr.read()
+        acknowledged += rest.split()
+        assert writer.wait(timeout=30) == 0, err  # it stopped on the connection error, not on a bug
     assert "" not in acknowledged, err
 
     listed = micro("store", "list", "--output", "json")

@@ -182,17 +182,19 @@ asyncio.run(main())
 
 def _kill_mid_burst(path: Path, workers: int, after: int) -> list[str]:
     """Run the writing child, SIGKILL it after `after` acknowledged writes; return every acknowledged key."""
-    child = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path), str(workers)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    assert child.stdout is not None
-    lines = [child.stdout.readline() for _ in range(after)]
-    os.kill(child.pid, signal.SIGKILL)
-    rest, err = child.communicate(timeout=30)
-    assert child.returncode == -signal.SIGKILL, err
+    ) as child:
+        assert child.stdout is not None and child.stderr is not None
+        lines = [child.stdout.readline() for _ in range(after)]
+        os.kill(child.pid, signal.SIGKILL)
+        # Read on through the same buffered reader: communicate() reads the pipe itself and would
+        # miss what readline() already buffered, cutting a line in two.
+        rest, err = child.stdout.read(), child.stderr.read()
+        assert child.wait(timeout=30) == -signal.SIGKILL, err
     lines += rest.splitlines(keepends=True)
     return [line[:-1] for line in lines if line.endswith("\n")]
 
