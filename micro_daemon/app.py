@@ -378,6 +378,8 @@ class Daemon:
             await asyncio.sleep(interval)
             try:
                 await job()
+            except MicroError as error:  # an engine away for a while: one line each time, not a traceback
+                log.warning("background job %s failed: %s", getattr(job, "__name__", job), error.detail)
             except Exception:
                 log.exception("background job %s failed", getattr(job, "__name__", job))
 
