@@ -260,3 +260,37 @@ def test_a_stopped_service_leaves_the_registry_then_comes_back(platform: Platfor
     wait_until(lambda: call()[0] == 0, timeout=15)
     [node] = nodes()
     assert int(node["metadata"]["pid"]) == pid  # the same process registered again
+
+
+def test_a_daemon_cut_off_past_the_ttl_comes_back_with_its_services(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """A network partition of one daemon: SIGSTOP it past the TTL, the other serves on, SIGCONT."""
+    a = platform.start("a", env=None)
+    b = platform.start("b", env=None)
+    folder = new_service(tmp_path / "src")
+    ran = a.micro("run", str(folder), "--no-watch", timeout=90)
+    assert ran.returncode == 0, ran.stderr
+
+    def answer() -> int:
+        return b.micro("call", "helloworld", "Helloworld.Call", '{"name": "Ann"}', timeout=60).returncode
+
+    def listed(service: str) -> bool:
+        return b.micro("get", "service", service, "--output", "json").returncode == 0
+
+    assert answer() == 0
+    assert b.micro("store", "write", "k", "before").returncode == 0
+    os.kill(a.process.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        wait_until(lambda: not listed("helloworld"), timeout=PLATFORM_TTL + 15)  # its heartbeats went via a
+        assert time.monotonic() - stopped < PLATFORM_TTL + 10
+        assert answer() == 4  # not found through b, at once: no call waits on the stopped daemon
+        written = b.micro("store", "write", "k", "during")
+        assert written.returncode == 0, written.stderr  # b serves everything that does not live on a
+    finally:
+        os.kill(a.process.pid, signal.SIGCONT)
+
+    wait_until(lambda: answer() == 0, timeout=30)  # a answers again, its service heartbeats again
+    read = a.micro("store", "read", "k")
+    assert read.returncode == 0 and read.stdout == "during\n", read.stderr
