@@ -9,7 +9,9 @@ daemon's MICRO_HOME) to the first; to the second it sends the same-sized header,
 the wire match. Same call both ways: ``/helloworld.Helloworld/Call`` with proto bytes.
 
 Each round runs, per daemon, a phase with 1 call in flight and one with 50 in flight; the order
-alternates from round to round so drift hits both alike.
+alternates from round to round so drift hits both alike. Beside the wall-clock figures, the CPU
+time the daemon and the service spent per call in the 50-in-flight phases (from /proc): on a
+shared, noisy machine that is the steadier measure of what auth adds.
 
 Target: auth on costs <= 10% (p50 with 1 in flight, and throughput with 50 in flight, medians
 over rounds).
@@ -33,7 +35,9 @@ from _common import (
     new_service,
     print_table,
     print_targets,
+    process_cpu,
     run_service,
+    service_node,
     start_daemon,
 )
 from proxy_overhead import IN_FLIGHT, PATH, phase
@@ -48,17 +52,21 @@ EXTRA_RULES = 10
 
 
 async def measure(
-    args: argparse.Namespace, on: tuple[str, str], off: str, folder: str
+    args: argparse.Namespace, on: tuple[str, str, int], off: tuple[str, int], folder: str
 ) -> dict[str, dict[str, list[float]]]:
     sys.path.insert(0, folder)
     pb = importlib.import_module("proto.helloworld_pb2")
-    address_on, token = on
+    address_on, token, daemon_on = on
     with_auth = Client(GrpcTransport(address_on), credentials=StaticToken(token), timeout=30)
     auth = AuthClient(with_auth)
     await auth.list_rules()  # the namespace's first read writes the default rule, which grants this call
     for i in range(EXTRA_RULES):  # rules a real namespace might hold, none of them deciding this call
         await auth.create_rule(f"deny-{i}", f"service:other-{i}:*", scope="*", access="denied", priority=i)
-    without = Client(GrpcTransport(off), credentials=StaticToken("x" * len(token)), timeout=30)
+    without = Client(GrpcTransport(off[0]), credentials=StaticToken("x" * len(token)), timeout=30)
+    pids = {
+        "auth on": (daemon_on, (await service_node(with_auth))[1]),
+        "auth off": (off[1], (await service_node(without))[1]),
+    }
     request = pb.Request(name="bench")
 
     def op(client: Client):  # type: ignore[no-untyped-def]
@@ -69,7 +77,9 @@ async def measure(
         return call
 
     ops = {"auth on": op(with_auth), "auth off": op(without)}
-    figures: dict[str, dict[str, list[float]]] = {name: {"p50": [], "throughput": []} for name in ops}
+    figures: dict[str, dict[str, list[float]]] = {
+        name: {"p50": [], "throughput": [], "daemon_us": [], "service_us": []} for name in ops
+    }
     for call in ops.values():
         await phase(call, 400, IN_FLIGHT)
         await phase(call, 100, 1)
@@ -78,8 +88,12 @@ async def measure(
         for name in names if r % 2 == 0 else names[::-1]:
             latencies, _ = await phase(ops[name], args.seq_calls, 1)
             figures[name]["p50"].append(sorted(latencies)[len(latencies) // 2])
+            daemon, service = pids[name]
+            cpu = process_cpu(daemon), process_cpu(service)
             latencies, wall = await phase(ops[name], args.calls, IN_FLIGHT)
             figures[name]["throughput"].append(len(latencies) / wall)
+            figures[name]["daemon_us"].append((process_cpu(daemon) - cpu[0]) / len(latencies) * 1e6)
+            figures[name]["service_us"].append((process_cpu(service) - cpu[1]) / len(latencies) * 1e6)
     await with_auth.close()
     await without.close()
     return figures
@@ -99,17 +113,36 @@ def main() -> None:
         run_service(on, folder, "--no-watch", "--env_vars", "MICRO_LOG_LEVEL=WARNING")
         run_service(off, folder, "--no-watch", "--env_vars", "MICRO_LOG_LEVEL=WARNING")
         owner = json.loads((Path(on.home) / "config" / "auth" / "owner.json").read_text())
-        figures = asyncio.run(measure(args, (on.address, owner["access_token"]), off.address, str(folder)))
+        figures = asyncio.run(
+            measure(args, (on.address, owner["access_token"], on.pid), (off.address, off.pid), str(folder))
+        )
 
     p50 = {name: median(f["p50"]) for name, f in figures.items()}
     rate = {name: median(f["throughput"]) for name, f in figures.items()}
+    daemon_us = {name: median(f["daemon_us"]) for name, f in figures.items()}
+    service_us = {name: median(f["service_us"]) for name, f in figures.items()}
     print(
         f"Unary Helloworld.Call through the proxy, {args.rounds} interleaved rounds: {args.seq_calls} calls "
         f"with 1 in flight and {args.calls} with {IN_FLIGHT} in flight per daemon and round\n"
     )
     print_table(
-        ["daemon", "p50 ms (1 in flight)", f"calls/s ({IN_FLIGHT} in flight)"],
-        [[name, fmt_ms(p50[name]), f"{rate[name]:.0f}"] for name in figures],
+        [
+            "daemon",
+            "p50 ms (1 in flight)",
+            f"calls/s ({IN_FLIGHT} in flight)",
+            "daemon CPU us/call",
+            "service CPU us/call",
+        ],
+        [
+            [
+                name,
+                fmt_ms(p50[name]),
+                f"{rate[name]:.0f}",
+                f"{daemon_us[name]:.0f}",
+                f"{service_us[name]:.0f}",
+            ]
+            for name in figures
+        ],
     )
     targets = [
         Target("p50 with auth / without (1 in flight)", p50["auth on"] / p50["auth off"], 1 + COST_LIMIT),
@@ -121,7 +154,16 @@ def main() -> None:
         ),
     ]
     print_targets(targets)
-    emit_json("auth_cost", {"p50_s": p50, "calls_per_s": rate}, targets)
+    print(
+        f"\ninfo: auth adds {daemon_us['auth on'] - daemon_us['auth off']:.0f} us of daemon CPU and "
+        f"{service_us['auth on'] - service_us['auth off']:.0f} us of service CPU per call "
+        f"({daemon_us['auth on'] / daemon_us['auth off']:.2f}x the daemon's CPU per call without auth)"
+    )
+    emit_json(
+        "auth_cost",
+        {"p50_s": p50, "calls_per_s": rate, "daemon_cpu_us": daemon_us, "service_cpu_us": service_us},
+        targets,
+    )
 
 
 if __name__ == "__main__":
