@@ -112,6 +112,7 @@ class _Writer(threading.Thread):
         self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.commits = 0
+        self.rollbacks = 0
         self._short_writes = 0
 
     def run(self) -> None:
@@ -203,6 +204,7 @@ class _Writer(threading.Thread):
             with map_sqlite_exceptions(self.block):
                 result = write.apply(self.conn)
         except Exception as exc:
+            self.rollbacks += 1
             self.conn.execute("ROLLBACK TO write")
             self.conn.execute("RELEASE write")
             return None, exc if isinstance(exc, MicroError) else self._copy_error(exc)
@@ -210,6 +212,7 @@ class _Writer(threading.Thread):
         return result, None
 
     def _rollback(self) -> None:
+        self.rollbacks += 1
         with contextlib.suppress(sqlite3.Error):
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
@@ -291,6 +294,11 @@ class SQLiteFile:
     def commits(self) -> int:
         """Transactions committed so far (a measure of group commit)."""
         return self._writer.commits if self._writer is not None else 0
+
+    @property
+    def rollbacks(self) -> int:
+        """Writes or transactions rolled back so far: what a write function cached may be void."""
+        return self._writer.rollbacks if self._writer is not None else 0
 
     async def open(self) -> SQLiteFile:
         """Create the file and schema if needed and start the threads."""

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from typing import Any
 
 from micro.context import Context
@@ -72,10 +72,16 @@ class StreamHandler:
     ) -> AsyncIterator[events_pb2.PublishResult]:
         """Publish each request; an invalid one, or a batch the engine refuses, is answered with its
         error and the stream goes on."""
-        async with _Batcher(requests) as batches:
-            async for batch in batches:
-                for result in await self._publish_each(context.namespace, batch):
+        reader = _Requests(requests)
+        try:
+            while batch := await reader.batch():
+                entries = [_entry(request) for request in batch]
+                with reader.reading_ahead():
+                    results = await self._publish_each(context.namespace, entries)
+                for result in results:
                     yield result
+        finally:
+            await reader.close()
 
     async def _publish_each(
         self, namespace: str, batch: list[PublishItem | MicroError]
@@ -300,61 +306,62 @@ class _EventBatches:
         return batch
 
 
-class _Batcher:
-    """Groups the publish requests that have arrived into batches: valid items, or why not valid.
+class _Requests:
+    """The requests of a ``PublishStream``, in batches of those that have arrived.
 
-    A failure of the request stream itself ends the iteration with that error.
+    While publishing never waits (an idle embedded engine commits at once),
+    each request is read directly. While a publish waits (an fsync, another
+    writer, a remote engine), the requests arriving meanwhile are read ahead
+    and make the next batch.
     """
 
     def __init__(self, requests: AsyncIterator[events_pb2.PublishRequest]) -> None:
-        self._requests = requests
-        self._queue: asyncio.Queue[events_pb2.PublishRequest | Exception | None] = asyncio.Queue(
-            PUBLISH_BATCH * 2
-        )
-        self._task: asyncio.Task[None] | None = None
-        self._done = False
+        self._requests = aiter(requests)
+        self._ahead: deque[events_pb2.PublishRequest] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._ended = False
 
-    async def __aenter__(self) -> _Batcher:
-        self._task = asyncio.create_task(self._read())
-        return self
+    async def batch(self) -> list[events_pb2.PublishRequest]:
+        """The next requests (waiting for one); empty once the stream ended."""
+        if not self._ahead and self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader  # its last read; a failure of the request stream is raised here
+        if not self._ahead and not self._ended:
+            request = await anext(self._requests, None)
+            if request is None:
+                self._ended = True
+            else:
+                self._ahead.append(request)
+        return [self._ahead.popleft() for _ in range(min(len(self._ahead), PUBLISH_BATCH))]
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def __aiter__(self) -> _Batcher:
-        return self
-
-    async def __anext__(self) -> list[PublishItem | MicroError]:
-        if self._done:
-            raise StopAsyncIteration
-        batch: list[PublishItem | MicroError] = []
-        entry = await self._queue.get()
-        while True:
-            if entry is None:
-                self._done = True
-                if batch:
-                    return batch
-                raise StopAsyncIteration
-            if isinstance(entry, Exception):
-                raise entry
-            try:
-                batch.append(_item(entry))
-            except MicroError as invalid:
-                batch.append(invalid)
-            if len(batch) >= PUBLISH_BATCH or self._queue.empty():
-                return batch
-            entry = self._queue.get_nowait()
-
-    async def _read(self) -> None:
+    @contextlib.contextmanager
+    def reading_ahead(self) -> Iterator[None]:
+        """Read ahead while the block waits (not at all if it does not)."""
+        done = asyncio.Event()
+        start = asyncio.get_running_loop().call_soon(self._read_ahead, done)  # runs only if it waits
         try:
-            async for request in self._requests:
-                await self._queue.put(request)
-        except Exception as exc:
-            await self._queue.put(exc)
-        await self._queue.put(None)
+            yield
+        finally:
+            start.cancel()
+            done.set()
+
+    def _read_ahead(self, done: asyncio.Event) -> None:
+        if self._reader is None and not self._ended:
+            self._reader = asyncio.create_task(self._read_until(done))
+
+    async def _read_until(self, done: asyncio.Event) -> None:
+        while not done.is_set() and len(self._ahead) < 2 * PUBLISH_BATCH:
+            request = await anext(self._requests, None)
+            if request is None:
+                self._ended = True
+                return
+            self._ahead.append(request)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
 
 
 def _error(error: MicroError) -> events_pb2.Error:
@@ -368,7 +375,11 @@ def _metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return {key: metadata[key] for key in metadata}
 
 
-def _item(request: events_pb2.PublishRequest) -> PublishItem:
+def _entry(request: events_pb2.PublishRequest) -> PublishItem | MicroError:
+    """The item to publish for ``request``, or why it cannot be published."""
     item = PublishItem(request.topic, request.payload, _metadata(request.metadata), request.timestamp)
-    check_item(item)
+    try:
+        check_item(item)
+    except MicroError as invalid:
+        return invalid
     return item

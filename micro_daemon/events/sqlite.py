@@ -104,8 +104,31 @@ def _last_seq(conn: sqlite3.Connection, namespace: str, topic: str) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+class _LastSeqs:
+    """The last sequence of each topic written, so a commit need not read it; void after a rollback.
+
+    Used only inside the writer's transactions (one at a time).
+    """
+
+    def __init__(self, file: SQLiteFile) -> None:
+        self.file = file
+        self.seqs: dict[tuple[str, str], int] = {}
+        self.rollbacks = 0
+
+    def get(self, conn: sqlite3.Connection, namespace: str, topic: str) -> int:
+        if self.rollbacks != self.file.rollbacks:
+            self.seqs.clear()
+            self.rollbacks = self.file.rollbacks
+        seq = self.seqs.get((namespace, topic))
+        return _last_seq(conn, namespace, topic) if seq is None else seq
+
+
 def _commit(
-    conn: sqlite3.Connection, namespace: str, appends: Sequence[Append], groups: Sequence[GroupWrite]
+    conn: sqlite3.Connection,
+    namespace: str,
+    appends: Sequence[Append],
+    groups: Sequence[GroupWrite],
+    known: _LastSeqs,
 ) -> list[tuple[int, int]]:
     last: dict[str, int] = {}
     rows, results = [], []
@@ -114,7 +137,7 @@ def _commit(
     encoded = _NO_METADATA
     for append in appends:
         topic = append.topic
-        seq = (last[topic] if topic in last else _last_seq(conn, namespace, topic)) + 1
+        seq = (last[topic] if topic in last else known.get(conn, namespace, topic)) + 1
         last[topic] = seq
         ts = append.timestamp_ns or now
         if append.metadata != metadata:  # events of a batch mostly share their metadata
@@ -128,6 +151,7 @@ def _commit(
     )
     for write in groups:
         _write_group(conn, namespace, write)
+    known.seqs.update(((namespace, topic), seq) for topic, seq in last.items())
     return results
 
 
@@ -223,18 +247,19 @@ def _short(appends: Sequence[Append], groups: Sequence[GroupWrite]) -> bool:
 class _SQLiteLog(EventLog):
     def __init__(self, file: SQLiteFile) -> None:
         self.file = file
+        self._known = _LastSeqs(file)
 
     async def commit(
         self, namespace: str, appends: Sequence[Append], groups: Sequence[GroupWrite]
     ) -> list[tuple[int, int]]:
-        return await self.file.write(lambda conn: _commit(conn, namespace, appends, groups))
+        return await self.file.write(lambda conn: _commit(conn, namespace, appends, groups, self._known))
 
     def commit_now(
         self, namespace: str, appends: Sequence[Append], groups: Sequence[GroupWrite]
     ) -> list[tuple[int, int]] | None:
         if not _short(appends, groups):
             return None
-        done = self.file.write_now(lambda conn: _commit(conn, namespace, appends, groups))
+        done = self.file.write_now(lambda conn: _commit(conn, namespace, appends, groups, self._known))
         return done[0] if done is not None else None
 
     async def last_seq(self, namespace: str, topic: str) -> int:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from micro_daemon.events import service
 from micro_daemon.events.backend import MAX_EVENT_BYTES, ConsumeSpec, Start
 from micro_daemon.events.memory import MemoryEvents
 from micro_daemon.events.service import EventsStoreHandler, StreamHandler, consume_spec
+from micro_daemon.events.sqlite import SQLiteEvents
 
 ALICE = Context(namespace="alice")
 BOB = Context(namespace="bob")
@@ -249,3 +251,29 @@ async def _consume_and_ack(channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await publish(events_pb2.PublishRequest(topic="bad topic"), metadata=metadata)
     assert isinstance(error_from_rpc(caught.value), BadRequest)
+
+
+async def test_publish_stream_reads_ahead_only_while_a_publish_waits(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    read_ahead = 0
+    original = service._Requests._read_until
+
+    async def counted(self: Any, done: asyncio.Event) -> None:
+        nonlocal read_ahead
+        read_ahead += 1
+        await original(self, done)
+
+    monkeypatch.setattr(service._Requests, "_read_until", counted)
+    events = await SQLiteEvents(tmp_path / "events.db").open()  # commits at once while its writer idles
+    try:
+        requests = Requests()
+        answers = StreamHandler(events).PublishStream(requests, ALICE)
+        for n in range(1, 21):
+            requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"x"))
+            assert (await asyncio.wait_for(anext(answers), TIMEOUT)).sequence == n
+        assert read_ahead == 0  # (fewer than the 64 writes that send one through the writer thread)
+        requests.queue.put_nowait(None)
+        assert [r async for r in answers] == []
+    finally:
+        await events.close()

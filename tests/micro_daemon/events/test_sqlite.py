@@ -10,11 +10,14 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from micro.errors import ServiceUnavailable, SetupError
+from micro.errors import BadRequest, ServiceUnavailable, SetupError
+from micro_daemon.events import sqlite as sqlite_events
 from micro_daemon.events.backend import ConsumeSpec, PublishItem, Retention, Start
+from micro_daemon.events.log import Append
 from micro_daemon.events.sqlite import SQLiteEvents, open_sqlite
 
 NS = "ns"
@@ -242,3 +245,22 @@ async def test_replay_throughput(tmp_path: Path) -> None:
     finally:
         await events.close()
     print(f"\npublish_many: {100_000 / published:,.0f} events/s; replay: {100_000 / replayed:,.0f} events/s")
+
+
+async def test_a_rolled_back_append_leaves_no_gap(events: SQLiteEvents) -> None:
+    assert (await events.publish(NS, "t", b"1"))[1] == 1
+    log = events._sqlite_log
+
+    def append_then_fail(conn: sqlite3.Connection) -> None:
+        sqlite_events._commit(conn, NS, [Append("t", "x", b"2", {}, 0)], [], log._known)
+        raise BadRequest("refused after the append", id="events")
+
+    for write in (events.file.write, lambda apply: _now(events, apply)):
+        with pytest.raises(BadRequest):
+            await write(append_then_fail)
+    assert [(await events.publish(NS, "t", b"3"))[1], (await events.publish(NS, "t", b"4"))[1]] == [2, 3]
+    assert [e.sequence for e in await events.read(NS, "t")] == [1, 2, 3]
+
+
+async def _now(events: SQLiteEvents, apply: Any) -> None:
+    assert events.file.write_now(apply) is not None
