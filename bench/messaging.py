@@ -1,13 +1,23 @@
 """Messaging through the daemon: events publish, consume, latency and replay, broker fan-out.
 
-One process, one asyncio loop, against a daemon this script started (isolated MICRO_HOME, SQLite
-events with synchronous=FULL). Side by side in the same run, the same workload on NATS JetStream
+One process, one asyncio loop, against a daemon this script started (isolated MICRO_HOME, called
+with its owner's credential). Side by side in the same run, the same workload on NATS JetStream
 (nats-py, a stream with file storage on the local nats-server) and, for the broker, Redis
 PUBLISH/SUBSCRIBE (redis.asyncio). Payloads are 1 KB unless said otherwise.
 
+Durability, compared like for like: micro's SQLite events run with their default
+synchronous=NORMAL (WAL): a commit is written to the OS but not fsynced, so a published event
+survives the daemon being killed, not necessarily a power loss. JetStream's file store with its
+default sync interval (2 minutes) is the same. --full runs micro with synchronous=full instead
+(an fsync per commit, shared by the publishes that commit together), which JetStream only does
+with sync_interval: always.
+
+Also measured: replay through a second daemon whose events engine is that same JetStream
+(MICRO_EVENTS_ADDRESS=nats://...), against replay on JetStream directly.
+
 Targets: single publish >= 0.5x JetStream's rate, bulk publish >= 1x JetStream's, publish->deliver
 p50 <= 2 ms, replay of 100,000 stored events >= 50,000 events/s. Fan-out: figures only.
-Run: .venv/bin/python bench/messaging.py [--single N] [--bulk N] [--replay N] [--latency N]
+Run: .venv/bin/python bench/messaging.py [--single N] [--bulk N] [--replay N] [--latency N] [--full]
 """
 
 from __future__ import annotations
@@ -21,12 +31,24 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from _common import Target, emit_json, fmt_ms, median, percentile, print_table, print_targets, start_daemon
+from _common import (
+    Daemon,
+    Target,
+    emit_json,
+    fmt_ms,
+    median,
+    percentile,
+    print_table,
+    print_targets,
+    start_daemon,
+)
 
 from micro.broker import BrokerClient
-from micro.client import Client
+from micro.client import AUTO, Client
+from micro.credentials import OwnerToken
 from micro.debug import DebugClient
 from micro.events import EventsClient
 from micro.proto import events_pb2
@@ -92,8 +114,8 @@ async def concurrently(op: Callable[[int], Awaitable[Any]], count: int, in_fligh
 
 
 class Micro:
-    def __init__(self, address: str) -> None:
-        self.client = Client(GrpcTransport(address), timeout=60)
+    def __init__(self, address: str, credentials: Any = AUTO) -> None:
+        self.client = Client(GrpcTransport(address), timeout=60, credentials=credentials)
         self.events = EventsClient(self.client)
 
     async def close(self) -> None:
@@ -483,7 +505,33 @@ class Results:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-async def run(address: str, server_pid: int, args: argparse.Namespace) -> Results:
+async def replay_through(daemon: Daemon, count: int) -> float:
+    """Events/s replayed from the beginning through ``daemon`` (whose events engine is JetStream)."""
+    micro = Micro(daemon.address, OwnerToken(Path(daemon.home) / "config" / "auth" / "owner.json"))
+    try:
+        for chunk in range(0, count, 20_000):
+            await micro.bulk("replay", min(20_000, count - chunk), REPLAY_PAYLOAD_SIZE, chunk)
+        return await timed(micro.consume("replay", count, "replayers"))
+    finally:
+        await micro.close()
+
+
+async def delete_streams(prefix: str) -> None:
+    import json
+
+    import nats
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        answer = await nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": 0}).encode(), timeout=5)
+        for name in json.loads(answer.data).get("streams") or []:
+            if name.startswith(f"{prefix.upper()}_EVENTS_"):
+                await nc.request(f"$JS.API.STREAM.DELETE.{name}", b"", timeout=30)
+    finally:
+        await nc.close()
+
+
+async def run(address: str, server_pid: int, args: argparse.Namespace, js_daemon: Daemon | None) -> Results:
     from _common import process_cpu
 
     micro = Micro(address)
@@ -523,6 +571,8 @@ async def run(address: str, server_pid: int, args: argparse.Namespace) -> Result
         await micro.close()
         if jetstream is not None:
             await jetstream.close()
+    if js_daemon is not None and jetstream is not None:
+        extra["replay_daemon_jetstream_per_s"] = await replay_through(js_daemon, args.replay)
     extra["stream_floor_per_s"] = await stream_floor(args.floor)
     fan_micro = await micro_fanout(address, args.fanout)
     fan_redis = await redis_fanout(args.fanout)
@@ -545,9 +595,10 @@ def report(results: Results) -> tuple[dict[str, Any], list[Target]]:
     bulk, bulk_js = median(mine.bulk_rates), median(base.bulk_rates)
     empty, floor = median(mine.empty_rates), results.extra["stream_floor_per_s"]
     print(
-        f"Events: micro (SQLite, synchronous=FULL) vs NATS JetStream (file storage), "
-        f"{PAYLOAD_SIZE} B payloads, median of {ROUNDS} interleaved rounds\n"
+        f"Events: micro (SQLite, synchronous={'FULL' if args.full else 'NORMAL'}) vs NATS JetStream "
+        f"(file storage), {PAYLOAD_SIZE} B payloads, median of {ROUNDS} interleaved rounds\n"
     )
+    via_js = results.extra.get("replay_daemon_jetstream_per_s", float("nan"))
     print_table(
         ["workload", "micro events/s", "JetStream events/s", "micro / JetStream"],
         [
@@ -576,6 +627,12 @@ def report(results: Results) -> tuple[dict[str, Any], list[Target]]:
                 _rate(base.replay_rate),
                 ratio(mine.replay_rate, base.replay_rate),
             ],
+            [
+                f"replay {args.replay:,} x {REPLAY_PAYLOAD_SIZE} B through a daemon on JetStream",
+                _rate(via_js),
+                _rate(base.replay_rate),
+                ratio(via_js, base.replay_rate),
+            ],
             ["reference: empty call (Debug.Health), 1 in flight", _rate(empty), "-", "-"],
             [
                 f"reference: bare grpc.aio stream, 1 Event ({REPLAY_PAYLOAD_SIZE} B) per message",
@@ -586,6 +643,7 @@ def report(results: Results) -> tuple[dict[str, Any], list[Target]]:
         ],
     )
     print(
+        "\npublish: micro EventsClient.publish (over the client's PublishStream); JetStream js.publish."
         "\nbulk: micro publish_many (PublishBatch calls of 1,000); JetStream publish_async"
         " (4,000 pending), then every ack.\nconsume/replay: micro auto-ack consumer (ConsumeBatches,"
         " up to 500 events a message); JetStream pull consumer, AckNone, fetch 1,000.\nreferences:"
@@ -675,9 +733,24 @@ def main() -> None:
     parser.add_argument("--replay", type=int, default=100_000, help="events to replay (100000)")
     parser.add_argument("--fanout", type=int, default=5000, help="broker messages to fan out (5000)")
     parser.add_argument("--floor", type=int, default=20_000, help="messages of the gRPC stream floor (20000)")
+    parser.add_argument("--full", action="store_true", help="micro's SQLite events with synchronous=full")
+    parser.add_argument(
+        "--no-jetstream-daemon", action="store_true", help="skip the replay through a daemon on JetStream"
+    )
     args = parser.parse_args()
-    with start_daemon() as daemon:
-        results = asyncio.run(run(daemon.address, daemon.pid, args))
+    events = {"MICRO_EVENTS_ADDRESS": "sqlite://?synchronous=full"} if args.full else {}
+    prefix = f"microbench{os.getpid()}"
+    with start_daemon(**events) as daemon, contextlib.ExitStack() as more:
+        os.environ["MICRO_HOME"] = daemon.home  # the client calls as the daemon's local owner
+        js_daemon = None
+        if not args.no_jetstream_daemon:
+            js_daemon = more.enter_context(start_daemon(MICRO_EVENTS_ADDRESS=f"{NATS_URL}?prefix={prefix}"))
+        try:
+            results = asyncio.run(run(daemon.address, daemon.pid, args, js_daemon))
+        finally:
+            if js_daemon is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.run(delete_streams(prefix))
         if daemon.process.poll() is not None:
             raise RuntimeError(f"micro server died during the run:\n{daemon.log_tail()}")
     figures, targets = report(results)
