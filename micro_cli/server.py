@@ -55,6 +55,9 @@ def server(
     """Run the micro server (every building block) in the foreground until Ctrl-C."""
     import logging
 
+    from micro_daemon.grpc_transport import use_polling_transport
+
+    use_polling_transport()  # before grpc is imported: it reads the choice once
     from micro.home import Home
     from micro_daemon.app import run
     from micro_daemon.settings import Settings

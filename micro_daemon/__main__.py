@@ -11,11 +11,14 @@ import sys
 
 from micro.errors import MicroError
 from micro.home import Home
-from micro_daemon.app import run
+from micro_daemon.grpc_transport import use_polling_transport
 from micro_daemon.settings import Settings
 
 
 def main() -> int:
+    use_polling_transport()
+    from micro_daemon.app import run  # imports grpc, which reads the transport choice once
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(Settings.load(), Home.from_env())
