@@ -38,6 +38,7 @@ __all__ = [
     "print_table",
     "print_targets",
     "process_cpu",
+    "process_switches",
     "run_service",
     "runtime_events",
     "service_node",
@@ -326,6 +327,22 @@ def process_cpu(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def process_switches(pid: int) -> int:
+    """Context switches (voluntary and not, all threads) of process ``pid`` so far; 0 if unreadable."""
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total
 
 
 def memory_kb(pid: int) -> dict[str, int]:

@@ -6,8 +6,11 @@ the ``micro-service`` metadata) and one straight to the node address the service
 Same call both ways: ``/helloworld.Helloworld/Call`` with proto bytes (``client.call``); the proxy
 forwards them untouched. Measured alongside, not judged: ``Helloworld.Call`` through the proxy
 with a JSON body (transcoded by the proxy, what ``micro call`` does), and the same proto call
-through ``_grpc_forwarder.py``, the least a ``grpc.aio`` proxy can do (one server, one channel,
-bytes forwarded to the node, nothing else): the floor of any proxy built the daemon's way.
+through ``_grpc_forwarder.py``, the least a proxy can do (one server, one channel, bytes
+forwarded to the node, nothing else) in each way Python has: ``grpc.aio`` on grpc's polling
+transport (the daemon's way: the floor of any proxy built like it) and on grpc's default
+EventEngine transport, a sync ``grpc.server`` with blocking stubs, and a plain TCP relay (no gRPC
+termination, so no routing: what one more Python process in the path costs by itself).
 
 Each round runs, per route, a phase with 1 call in flight (``seq``) and a phase with 50 in flight
 (asyncio tasks); routes alternate their order from round to round so drift hits all alike.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    Daemon,
     Target,
     bench_env,
     emit_json,
@@ -40,19 +45,30 @@ from _common import (
     print_table,
     print_targets,
     process_cpu,
+    process_switches,
     run_service,
     service_node,
     start_daemon,
 )
 
 from micro.client import Client
+from micro.credentials import OwnerToken
 from micro.transport import GrpcTransport
+from micro_daemon.grpc_transport import EXPERIMENTS
 
 P50_ADDED_MS = 0.6
 P99_ADDED_MS = 2.0
 THROUGHPUT_SHARE = 0.6
 IN_FLIGHT = 50
 PATH = "/helloworld.Helloworld/Call"
+FORWARDER = Path(__file__).resolve().parent / "_grpc_forwarder.py"
+# name -> (route label, --kind, GRPC_EXPERIMENTS); "" is grpc's default transport
+FORWARDERS = {
+    "aio": ("bare grpc.aio forwarder (info)", "aio", EXPERIMENTS),
+    "aio-ee": ("bare grpc.aio forwarder, EventEngine (info)", "aio", ""),
+    "sync": ("bare sync grpc forwarder (info)", "sync", EXPERIMENTS),
+    "tcp": ("asyncio TCP relay, no gRPC (info)", "tcp", EXPERIMENTS),
+}
 
 Op = Callable[[], Awaitable[Any]]
 
@@ -67,6 +83,8 @@ class Route:
     wall: float = 0.0
     round_throughput: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds in the 50-in-flight phases
+    hop: str = ""  # the process between client and service: "daemon", "forwarder" or none
+    hop_switches: int = 0  # its context switches in the 50-in-flight phases
 
     @property
     def throughput(self) -> float:
@@ -78,6 +96,15 @@ class Route:
     @property
     def cpu_total_us(self) -> float:
         return sum(self.cpu_per_call_us(who) for who in self.cpu)
+
+    @property
+    def hop_switches_per_call(self) -> float:
+        return self.hop_switches / len(self.conc) if self.hop and self.conc else float("nan")
+
+    @property
+    def hop_busy(self) -> float:
+        """The hop's CPU over the wall time of the 50-in-flight phases: how much of one core it kept busy."""
+        return self.cpu.get(self.hop, 0.0) / self.wall if self.hop and self.wall else float("nan")
 
 
 async def phase(op: Op, calls: int, in_flight: int) -> tuple[list[float], float]:
@@ -95,14 +122,20 @@ async def phase(op: Op, calls: int, in_flight: int) -> tuple[list[float], float]
     return latencies, time.perf_counter() - t0
 
 
-async def measure(
-    args: argparse.Namespace, daemon_address: str, daemon_pid: int, folder: str
-) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, daemon: Daemon, folder: str) -> dict[str, Any]:
     sys.path.insert(0, folder)
     pb = importlib.import_module("proto.helloworld_pb2")
-    via_proxy = Client(GrpcTransport(daemon_address), timeout=30)
+    # Every route sends the owner's token, as `micro call` does: the proxy checks it, the rest
+    # carry the same bytes.
+    owner = OwnerToken(Path(daemon.home) / "config" / "auth" / "owner.json")
+
+    def client(address: str) -> Client:
+        return Client(GrpcTransport(address), credentials=owner, timeout=30)
+
+    via_proxy = client(daemon.address)
     node_address, service_pid = await service_node(via_proxy)
-    direct = Client(GrpcTransport(node_address), timeout=30)
+    direct = client(node_address)
+    daemon_pid = daemon.pid
     request = pb.Request(name="bench")
 
     def proto(client: Client) -> Op:
@@ -116,24 +149,24 @@ async def measure(
         reply = await via_proxy.call_json("helloworld", "Helloworld.Call", b'{"name": "bench"}')
         assert reply.startswith(b'{"msg":'), reply
 
-    forwarder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(Path(__file__).resolve().parent / "_grpc_forwarder.py"),
-        node_address,
-        stdout=asyncio.subprocess.PIPE,
-        env=bench_env(),
-    )
-    assert forwarder.stdout is not None
-    port = int(await asyncio.wait_for(forwarder.stdout.readline(), 30))
-    via_forwarder = Client(GrpcTransport(f"127.0.0.1:{port}"), timeout=30)
+    forwarders = {
+        name: await start_forwarder(kind, node_address, experiments)
+        for name, (_, kind, experiments) in FORWARDERS.items()
+        if name in args.forwarders
+    }
+    via_forwarder = {name: client(address) for name, (_, address) in forwarders.items()}
     ops: dict[str, Op] = {
         "direct": proto(direct),
         "proxy": proto(via_proxy),
         "proxy, JSON (info)": as_json,
-        "bare grpc.aio forwarder (info)": proto(via_forwarder),
+        **{FORWARDERS[name][0]: proto(client) for name, client in via_forwarder.items()},
     }
-    pids = {"client": 0, "daemon": daemon_pid, "forwarder": forwarder.pid, "service": service_pid}
-    routes = {name: Route() for name in ops}
+    hops = {"proxy": daemon_pid, "proxy, JSON (info)": daemon_pid}
+    hops.update({FORWARDERS[name][0]: process.pid for name, (process, _) in forwarders.items()})
+    routes = {
+        name: Route(hop="daemon" if hops.get(name) == daemon_pid else "forwarder" if name in hops else "")
+        for name in ops
+    }
     for op in ops.values():  # warm-up: channels, route caches, code paths
         await phase(op, 400, IN_FLIGHT)
         await phase(op, 100, 1)
@@ -144,21 +177,61 @@ async def measure(
             lat, _ = await phase(op, args.seq_calls, 1)
             route.seq += lat
             route.seq_round_p50.append(percentile(lat, 50))
-            before = {
-                who: time.process_time() if who == "client" else process_cpu(pid) for who, pid in pids.items()
-            }
+            forwarder = hops[name] if route.hop == "forwarder" else -1
+            pids = {"client": 0, "daemon": daemon_pid, "forwarder": forwarder, "service": service_pid}
+            before = {who: _cpu(pid) for who, pid in pids.items()}
+            switches = process_switches(hops[name]) if name in hops else 0
             lat, wall = await phase(op, args.calls, IN_FLIGHT)
+            if name in hops:
+                route.hop_switches += process_switches(hops[name]) - switches
             for who, pid in pids.items():
-                now = time.process_time() if who == "client" else process_cpu(pid)
-                route.cpu[who] = route.cpu.get(who, 0.0) + now - before[who]
+                route.cpu[who] = route.cpu.get(who, 0.0) + _cpu(pid) - before[who]
             route.conc += lat
             route.wall += wall
             route.round_throughput.append(len(lat) / wall)
-    for client in (via_proxy, direct, via_forwarder):
-        await client.close()
-    forwarder.terminate()
-    await forwarder.wait()
+    for each in (via_proxy, direct, *via_forwarder.values()):
+        await each.close()
+    for process, _ in forwarders.values():
+        process.terminate()
+        await process.wait()
     return {"routes": routes, "node": node_address}
+
+
+async def start_forwarder(
+    kind: str, upstream: str, experiments: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A ``_grpc_forwarder.py`` process of ``kind`` forwarding to ``upstream``, and its address."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(FORWARDER),
+        "--kind",
+        kind,
+        upstream,
+        stdout=asyncio.subprocess.PIPE,
+        env=bench_env(GRPC_EXPERIMENTS=experiments),
+    )
+    assert process.stdout is not None
+    port = int(await asyncio.wait_for(process.stdout.readline(), 30))
+    return process, f"127.0.0.1:{port}"
+
+
+def p50_added_by(r: Route, direct: Route) -> float:
+    """Median over rounds of the route's p50 minus direct's, 1 in flight, in milliseconds."""
+    return median([b - a for a, b in zip(direct.seq_round_p50, r.seq_round_p50, strict=True)]) * 1000
+
+
+def p99_added_by(r: Route, direct: Route) -> float:
+    """The route's pooled p99 minus direct's, 1 in flight, in milliseconds."""
+    return (percentile(r.seq, 99) - percentile(direct.seq, 99)) * 1000
+
+
+def share_of(r: Route, direct: Route) -> float:
+    """Median over rounds of the route's throughput over direct's, 50 in flight."""
+    return median([b / a for a, b in zip(direct.round_throughput, r.round_throughput, strict=True)])
+
+
+def _cpu(pid: int) -> float:
+    return time.process_time() if pid == 0 else process_cpu(pid) if pid > 0 else 0.0
 
 
 def main() -> None:
@@ -173,13 +246,22 @@ def main() -> None:
         default="",
         help="MICRO_LOG_LEVEL for the service (default: the template's INFO, one log line per call)",
     )
+    parser.add_argument(
+        "--forwarders",
+        default=",".join(FORWARDERS),
+        help=f"bare forwarders measured alongside (default: {','.join(FORWARDERS)}; '' for none)",
+    )
     args = parser.parse_args()
+    args.forwarders = [name for name in args.forwarders.split(",") if name]
+    unknown = set(args.forwarders) - set(FORWARDERS)
+    if unknown:
+        parser.error(f"unknown forwarders: {', '.join(sorted(unknown))}")
 
     with start_daemon() as daemon:
         folder = new_service(daemon)
         log_level = ["--env_vars", f"MICRO_LOG_LEVEL={args.log_level}"] if args.log_level else []
         run_service(daemon, folder, "--no-watch", *log_level)
-        result = asyncio.run(measure(args, daemon.address, daemon.pid, str(folder)))
+        result = asyncio.run(measure(args, daemon, str(folder)))
     routes: dict[str, Route] = result["routes"]
     d, p = routes["direct"], routes["proxy"]
 
@@ -192,6 +274,8 @@ def main() -> None:
             "route",
             "seq p50 ms",
             "seq p99 ms",
+            "+p50 ms",
+            "+p99 ms",
             f"p50 ms @{IN_FLIGHT}",
             f"p99 ms @{IN_FLIGHT}",
             "calls/s",
@@ -200,34 +284,48 @@ def main() -> None:
             "daemon us",
             "forwarder us",
             "service us",
+            "hop cs",
+            "hop busy",
         ],
         [
             [
                 name,
                 fmt_ms(percentile(r.seq, 50)),
                 fmt_ms(percentile(r.seq, 99)),
+                f"{p50_added_by(r, d):.2f}",
+                f"{p99_added_by(r, d):.2f}",
                 fmt_ms(percentile(r.conc, 50)),
                 fmt_ms(percentile(r.conc, 99)),
                 f"{r.throughput:.0f}",
-                f"{r.throughput / d.throughput:.0%}",
+                f"{share_of(r, d):.0%}",
                 *(f"{r.cpu_per_call_us(who):.0f}" for who in ("client", "daemon", "forwarder", "service")),
+                "" if not r.hop else f"{r.hop_switches_per_call:.1f}",
+                "" if not r.hop else f"{r.hop_busy:.0%}",
             ]
             for name, r in routes.items()
         ],
     )
     print(
-        "(us: CPU time per call of each process over the 50-in-flight phases; the daemon's share"
-        " off the proxy routes is the runtime pumping the service's log lines)"
+        "(+p50/+p99: added to direct's, 1 in flight, as judged; share: median over rounds of calls/s"
+        " over direct's, 50 in flight; us: CPU time per call of each process over the 50-in-flight"
+        " phases, the daemon's off the proxy routes being the runtime pumping the service's log lines;"
+        " hop cs: context switches per call of the process between client and service; hop busy: its"
+        " CPU time over the wall time, in cores)"
     )
     cpu_share = d.cpu_total_us / p.cpu_total_us
     print(
         f"CPU per call, all processes: direct {d.cpu_total_us:.0f} us, proxy {p.cpu_total_us:.0f} us: "
         f"the throughput share when the CPU is the limit would be {cpu_share:.0%} (info)"
     )
+    cores = p.cpu_total_us * p.throughput / 1e6
+    print(
+        f"With {IN_FLIGHT} in flight through the proxy the daemon kept {p.hop_busy:.0%} of one core busy,"
+        f" the three processes {cores:.2f} of the {os.cpu_count()} cores (info)"
+    )
 
-    p50_added = median([b - a for a, b in zip(d.seq_round_p50, p.seq_round_p50, strict=True)]) * 1000
-    p99_added = (percentile(p.seq, 99) - percentile(d.seq, 99)) * 1000
-    share = median([b / a for a, b in zip(d.round_throughput, p.round_throughput, strict=True)])
+    p50_added = p50_added_by(p, d)
+    p99_added = p99_added_by(p, d)
+    share = share_of(p, d)
     targets = [
         Target("seq p50 added by the proxy", p50_added, P50_ADDED_MS, unit="ms"),
         Target("seq p99 added by the proxy", p99_added, P99_ADDED_MS, unit="ms"),
@@ -243,6 +341,14 @@ def main() -> None:
             "p99_ms": round(percentile(r.conc, 99) * 1000, 4),
             "calls_per_s": round(r.throughput, 1),
             "cpu_us_per_call": {who: round(r.cpu_per_call_us(who), 1) for who in r.cpu},
+            "seq_p50_added_ms": round(p50_added_by(r, d), 4),
+            "seq_p99_added_ms": round(p99_added_by(r, d), 4),
+            "throughput_share": round(share_of(r, d), 4),
+            **(
+                {"hop_switches_per_call": round(r.hop_switches_per_call, 2), "hop_busy": round(r.hop_busy, 3)}
+                if r.hop
+                else {}
+            ),
         }
 
     figures = {
@@ -254,6 +360,7 @@ def main() -> None:
         "throughput_share": round(share, 4),
         "cpu_bound_share": round(cpu_share, 4),
         "service_log_level": args.log_level or "INFO",
+        "daemon_grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", EXPERIMENTS),
     }
     emit_json("proxy_overhead", figures, targets)
 
