@@ -15,12 +15,14 @@ from typing import Any
 import grpc
 
 from micro._dispatch import peer_host
-from micro._metadata import REMOTE_ADDRESS_KEY, SERVICE_KEY
+from micro._metadata import AUTHORIZATION_KEY, NAMESPACE_KEY, SERVICE_KEY
 from micro.errors import MicroError
 from micro_daemon.auth.gate import Gate, log_refusal
 from micro_daemon.proxy.forward import ServicerContext, abort
 
 __all__ = ["endpoint_of", "guarded"]
+
+_READ = frozenset({AUTHORIZATION_KEY, NAMESPACE_KEY, SERVICE_KEY})
 
 
 def endpoint_of(path: str) -> str:
@@ -36,14 +38,14 @@ def guarded(handler: grpc.RpcMethodHandler, gate: Gate, path: str) -> grpc.RpcMe
     endpoint = endpoint_of(path)
 
     async def check(context: ServicerContext) -> None:
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        metadata[REMOTE_ADDRESS_KEY] = peer_host(context.peer() or "")
+        # Only the keys the gate reads: this runs on every proxied call.
+        metadata = {k: v for k, v in context.invocation_metadata() or () if k in _READ}
         service = metadata.get(SERVICE_KEY, "")
         try:
             await gate.check_call(metadata, service, endpoint)
         except MicroError as error:
             if error.code in (401, 403):
-                log_refusal(f"{service} {endpoint}", metadata[REMOTE_ADDRESS_KEY], error)
+                log_refusal(f"{service} {endpoint}", peer_host(context.peer() or ""), error)
             await abort(context, error)
 
     if handler.unary_unary is not None:
