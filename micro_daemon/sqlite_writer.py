@@ -9,11 +9,13 @@ a power loss). Reads run on a few read-only connections in worker threads; WAL
 lets them proceed while a write commits. Nothing here blocks the event loop.
 
 With ``NORMAL``, a short write may instead commit on the calling thread (the
-event loop, ``write_now``) when the writer thread is idle: without an fsync it takes tens of
-microseconds, less than the hop to the thread and back. Checkpoints, which do
-fsync, then never run there: such a connection does not checkpoint by itself
-(``wal_autocheckpoint=0``), and the writer thread, which every
-``_INLINE_EVERY``-th short write goes through, checkpoints as SQLite would.
+event loop, ``write_now``) when the writer thread is idle: without an fsync it
+takes tens of microseconds, less than the hop to the thread and back.
+Checkpoints, which do fsync, then never run there: the writing connection does
+not checkpoint by itself (``wal_autocheckpoint=0``); after every
+``_CHECKPOINT_ROWS`` rows written, the writer thread checkpoints through a
+connection of its own, alongside the writes (``PASSIVE``), and only if writes
+never let the WAL start over does it hold them off for a ``RESTART``.
 
 Both embedded engines are built on it: the store's
 (``micro_daemon.store.backends.sqlite``) and the events'
@@ -45,8 +47,9 @@ logger = logging.getLogger(__name__)
 _MAX_BATCH = 1000
 _READERS = 4
 _BUSY_TIMEOUT = 5.0
-_INLINE_EVERY = 64
-_CHECKPOINT_PAGES = 1000  # SQLite's default wal_autocheckpoint
+_CHECKPOINT_ROWS = 1000  # rows written between checkpoints (SQLite's default: 1000 pages)
+_RESTART_FRAMES = 4000  # a WAL that grew past this many pages (16 MiB) is made to start over
+_CHECKPOINT = object()  # queued to the writer thread: checkpoint
 
 
 @contextlib.contextmanager
@@ -104,16 +107,20 @@ class _Writer(threading.Thread):
     inline write on the event loop (``try_inline``, ``apply_inline``).
     """
 
-    def __init__(self, conn: sqlite3.Connection, block: str, *, inline: bool) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, block: str, *, checkpointer: sqlite3.Connection | None
+    ) -> None:
         super().__init__(name=f"micro-{block}-writer", daemon=True)
         self.conn = conn
         self.block = block
-        self.inline = inline
-        self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self.checkpointer = checkpointer  # with NORMAL: inline writes, checkpoints through it
+        self.queue: queue.SimpleQueue[_Write | object | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.commits = 0
         self.rollbacks = 0
-        self._short_writes = 0
+        self.submitted = 0  # writes queued, counted by the event loop ...
+        self.taken = 0  # ... and taken, counted by this thread: each count has one writer
+        self._checkpointed = 0  # conn.total_changes at the last checkpoint request
 
     def run(self) -> None:
         try:
@@ -123,14 +130,13 @@ class _Writer(threading.Thread):
             self._fail_leftovers()
             with self.lock:
                 self.conn.close()
+            if self.checkpointer is not None:
+                self.checkpointer.close()
 
     def try_inline(self) -> bool:
         """Take the connection for a short write on the calling thread, if nothing waits for it."""
-        if not self.inline or not self.queue.empty():
+        if self.checkpointer is None or self.submitted != self.taken:
             return False
-        self._short_writes += 1
-        if self._short_writes % _INLINE_EVERY == 0:
-            return False  # through the thread, which checkpoints
         return self.lock.acquire(blocking=False)
 
     def apply_inline(self, apply: Callable[[sqlite3.Connection], T]) -> T:
@@ -149,54 +155,77 @@ class _Writer(threading.Thread):
         except Exception as exc:
             raise self._copy_error(exc) from exc
         finally:
+            self._committed()
             self.lock.release()
-        self.commits += 1
         return result
 
+    def _committed(self) -> None:
+        """Count a commit (holding ``lock``), and ask for a checkpoint when enough was written."""
+        self.commits += 1
+        if self.checkpointer is not None and self.conn.total_changes - self._checkpointed >= _CHECKPOINT_ROWS:
+            self._checkpointed = self.conn.total_changes
+            self.queue.put(_CHECKPOINT)
+
     def _step(self) -> bool:
-        batch, running = self._take()
+        batch, running, checkpoint = self._take()
         writes = [write for write in batch if write.future.set_running_or_notify_cancel()]
         if writes:
             with self.lock:
-                self._commit(writes)
+                outcomes = self._commit(writes)
+            for write, (result, error) in zip(writes, outcomes, strict=True):  # the connection is free
+                if error is None:
+                    write.future.set_result(result)
+                else:
+                    write.future.set_exception(error)
+        if checkpoint:
+            self._checkpoint()
         return running
 
-    def _take(self) -> tuple[list[_Write], bool]:
-        first = self.queue.get()
-        if first is None:
-            return [], False
-        batch = [first]
-        while len(batch) < _MAX_BATCH:
+    def _take(self) -> tuple[list[_Write], bool, bool]:
+        """The writes queued (waiting for one), whether to go on, whether a checkpoint was asked."""
+        batch: list[_Write] = []
+        checkpoint = False
+        item = self.queue.get()
+        while True:
+            if item is None:
+                return batch, False, checkpoint
+            if item is _CHECKPOINT:
+                checkpoint = True
+            else:
+                assert isinstance(item, _Write)
+                batch.append(item)
+                self.taken += 1
+            if len(batch) >= _MAX_BATCH:
+                return batch, True, checkpoint
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
-                break
-            if item is None:
-                return batch, False
-            batch.append(item)
-        return batch, True
+                return batch, True, checkpoint
 
-    def _commit(self, writes: list[_Write]) -> None:
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database alongside the writes; restart it if writes never let it."""
+        assert self.checkpointer is not None
+        try:
+            with contextlib.closing(self.checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")) as cursor:
+                _, frames, _ = cursor.fetchone()
+            if frames > _RESTART_FRAMES:  # inline writes wait in the queue meanwhile, not on the lock
+                with self.lock, contextlib.closing(self.conn.execute("PRAGMA wal_checkpoint(RESTART)")):
+                    pass
+        except sqlite3.Error as exc:
+            logger.warning("checkpointing %s failed: %s", self.block, exc)
+
+    def _commit(self, writes: list[_Write]) -> list[tuple[Any, MicroError | None]]:
+        """Apply ``writes`` in one transaction: the result or error of each."""
         try:
             with map_sqlite_exceptions(self.block):
                 self.conn.execute("BEGIN IMMEDIATE")
                 outcomes = [self._apply(write) for write in writes]
-                if self.inline:  # this commit checkpoints if the WAL has grown past SQLite's default
-                    self.conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
                 self.conn.execute("COMMIT")
-                if self.inline:
-                    self.conn.execute("PRAGMA wal_autocheckpoint=0")
         except Exception as exc:
             self._rollback()
-            for write in writes:
-                write.future.set_exception(self._copy_error(exc))
-            return
-        self.commits += 1
-        for write, (result, error) in zip(writes, outcomes, strict=True):
-            if error is None:
-                write.future.set_result(result)
-            else:
-                write.future.set_exception(error)
+            return [(None, self._copy_error(exc)) for _ in writes]
+        self._committed()
+        return outcomes
 
     def _apply(self, write: _Write) -> tuple[Any, MicroError | None]:
         self.conn.execute("SAVEPOINT write")
@@ -221,7 +250,7 @@ class _Writer(threading.Thread):
         with contextlib.suppress(queue.Empty):
             while True:
                 write = self.queue.get_nowait()
-                if write is not None and write.future.set_running_or_notify_cancel():
+                if isinstance(write, _Write) and write.future.set_running_or_notify_cancel():
                     write.future.set_exception(ServiceUnavailable(f"{self.block} is closed", id=self.block))
 
     def _copy_error(self, exc: Exception) -> MicroError:
@@ -303,7 +332,10 @@ class SQLiteFile:
     async def open(self) -> SQLiteFile:
         """Create the file and schema if needed and start the threads."""
         conn = await asyncio.to_thread(_prepare, self.path, self._schema, self.block, self.synchronous)
-        self._writer = _Writer(conn, self.block, inline=self.synchronous == "NORMAL")
+        checkpointer = None
+        if self.synchronous == "NORMAL":
+            checkpointer = await asyncio.to_thread(_connect, self.path)
+        self._writer = _Writer(conn, self.block, checkpointer=checkpointer)
         self._writer.start()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             _READERS, thread_name_prefix=f"micro-{self.block}-read"
@@ -344,6 +376,7 @@ class SQLiteFile:
         """
         writer = self._open_writer()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        writer.submitted += 1
         writer.queue.put(_Write(apply, future))
         return await asyncio.wrap_future(future)
 
