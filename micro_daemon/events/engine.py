@@ -274,12 +274,9 @@ def new_ids(count: int) -> list[str]:
     """``count`` distinct random ids in UUID 4 form, at a fraction of ``uuid4()`` each: one random
     value, the next ones counting up in its last 48 bits."""
     first = int.from_bytes(os.urandom(16)) & ~_UUID4_FIXED | _UUID4_BITS
-    high, low = first & ~_LOW48, first & _LOW48
-    ids = []
-    for n in range(count):
-        h = "%032x" % (high | ((low + n) & _LOW48))
-        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
-    return ids
+    h = f"{first:032x}"
+    prefix, low = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-", first & _LOW48
+    return [f"{prefix}{(low + n) & _LOW48:012x}" for n in range(count)]
 
 
 _LOW48 = (1 << 48) - 1
