@@ -1,11 +1,12 @@
 """One long-lived ``PublishStream`` per client: single publishes without a call each.
 
 A unary call costs about twice a message each way on an open stream, so
-``EventsClient.publish`` sends its request on a stream the client keeps open
-and waits for the answer, which comes in order. The stream opens on the first
-publish and closes after ``IDLE`` seconds without one. A daemon without the
-stream (or a transport that cannot stream both ways) gets unary ``Publish``
-calls instead.
+``EventsClient.publish`` puts its request on a stream the client keeps open
+and waits for the answer, which comes in order. The publishes waiting when the
+stream sends go as one message (one answer), so concurrent publishers share
+messages as well. The stream opens on the first publish and closes after
+``IDLE`` seconds without one. A daemon without the stream (or a transport that
+cannot stream both ways) gets unary ``Publish`` calls instead.
 """
 
 from __future__ import annotations
@@ -41,15 +42,17 @@ def publisher(client: Client) -> _Publisher:
 
 
 class _Stream:
-    """One open ``PublishStream``: requests to send, and the callers waiting for answers in order."""
+    """One open ``PublishStream``: the publishes to send, and the callers waiting for answers."""
 
     def __init__(self, client: Client) -> None:
         self.loop = asyncio.get_running_loop()
-        self.requests: asyncio.Queue[events_pb2.PublishRequest | None] = asyncio.Queue()
-        self.waiting: deque[asyncio.Future[events_pb2.PublishResult]] = deque()
+        self.wakeups: asyncio.Queue[bool] = asyncio.Queue()  # True: send what is queued; False: end
+        self.queued = events_pb2.PublishBatchRequest()
+        self.queued_answers: list[asyncio.Future[events_pb2.PublishResult]] = []
+        self.waiting: deque[list[asyncio.Future[events_pb2.PublishResult]]] = deque()  # one per message
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
-        answers = client.bidi(_SERVICE, _PATH, self._outgoing(), events_pb2.PublishResult)
+        answers = client.bidi(_SERVICE, _PATH, self._outgoing(), events_pb2.PublishResults)
         self.reader = self.loop.create_task(self._read(answers))
 
     def send(self, request: events_pb2.PublishRequest) -> asyncio.Future[events_pb2.PublishResult]:
@@ -57,27 +60,35 @@ class _Stream:
             self.idle.cancel()
             self.idle = None
         answer = self.loop.create_future()
-        self.waiting.append(answer)
-        self.requests.put_nowait(request)
+        self.queued.events.append(request)
+        self.queued_answers.append(answer)
+        if len(self.queued_answers) == 1:
+            self.wakeups.put_nowait(True)
         return answer
 
     def _close_idle(self) -> None:
-        if not self.waiting and not self.closing:
+        if not self.waiting and not self.queued_answers and not self.closing:
             self.closing = True
-            self.requests.put_nowait(None)
+            self.wakeups.put_nowait(False)
 
-    async def _outgoing(self) -> AsyncIterator[events_pb2.PublishRequest]:
-        while (request := await self.requests.get()) is not None:
-            yield request
+    async def _outgoing(self) -> AsyncIterator[events_pb2.PublishBatchRequest]:
+        while await self.wakeups.get():
+            message, self.queued = self.queued, events_pb2.PublishBatchRequest()
+            self.waiting.append(self.queued_answers)
+            self.queued_answers = []
+            yield message
 
-    async def _read(self, answers: AsyncIterator[events_pb2.PublishResult]) -> None:
+    async def _read(self, answers: AsyncIterator[events_pb2.PublishResults]) -> None:
         failure: BaseException
         try:
             async for answer in answers:
-                waiter = self.waiting.popleft()
-                if not waiter.done():
-                    waiter.set_result(answer)
-                if not self.waiting:
+                if len(answer.results) != len(self.waiting[0]):
+                    raise ValueError(f"{len(answer.results)} results for {len(self.waiting[0])} events")
+                waiters = self.waiting.popleft()
+                for waiter, result in zip(waiters, answer.results, strict=True):
+                    if not waiter.done():
+                        waiter.set_result(result)
+                if not self.waiting and not self.queued_answers:
                     if self.idle is not None:
                         self.idle.cancel()
                     self.idle = self.loop.call_later(IDLE, self._close_idle)
@@ -93,10 +104,13 @@ class _Stream:
             raise
         finally:
             self.closing = True
-            for waiter in self.waiting:  # their outcome is unknown, as a call's that fails
-                if not waiter.done():
-                    waiter.set_exception(_copy(failure))
+            self.waiting.append(self.queued_answers)  # never sent: they fail too
+            for waiters in self.waiting:  # their outcome is unknown, as a call's that fails
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(_copy(failure))
             self.waiting.clear()
+            self.queued_answers = []
 
 
 class _Publisher:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmicro/events/v1/events.proto\x12\x0fmicro.events.v1\"\xd2\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.micro.events.v1.Event.MetadataEntry\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12?\n\x08metadata\x18\x02 \x03(\x0b\x32-.micro.events.v1.PublishRequest.MetadataEntry\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x0fPublishResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"A\n\x05\x45rror\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"T\n\rPublishResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.micro.events.v1.Error\"\xd7\x01\n\x0e\x43onsumeOptions\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12%\n\x05start\x18\x03 \x01(\x0e\x32\x16.micro.events.v1.Start\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05since\x18\x05 \x01(\x03\x12\x15\n\x08\x61uto_ack\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08\x61\x63k_wait\x18\x07 \x01(\x03\x12\x13\n\x0bretry_limit\x18\x08 \x01(\x05\x12\x14\n\x0cstart_if_new\x18\t \x01(\x08\x42\x0b\n\t_auto_ack\"\"\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\".\n\x08\x41\x63kBatch\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.micro.events.v1.Ack\"\xa4\x01\n\x0e\x43onsumeRequest\x12\x32\n\x07options\x18\x01 \x01(\x0b\x32\x1f.micro.events.v1.ConsumeOptionsH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.micro.events.v1.AckH\x00\x12.\n\tack_batch\x18\x03 \x01(\x0b\x32\x19.micro.events.v1.AckBatchH\x00\x42\t\n\x07request\"F\n\x13PublishBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.micro.events.v1.PublishRequest\"I\n\x14PublishBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .micro.events.v1.PublishResponse\"4\n\nEventBatch\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event\"\x0f\n\rTopicsRequest\"\"\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03lag\x18\x02 \x01(\x04\"c\n\x05Topic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12&\n\x06groups\x18\x04 \x03(\x0b\x32\x16.micro.events.v1.Group\"8\n\x0eTopicsResponse\x12&\n\x06topics\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Topic\";\n\x0bReadRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"6\n\x0cReadResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event*9\n\x05Start\x12\t\n\x05GROUP\x10\x00\x12\r\n\tBEGINNING\x10\x01\x12\x0c\n\x08SEQUENCE\x10\x02\x12\x08\n\x04TIME\x10\x03\x32\xf0\x03\n\x06Stream\x12L\n\x07Publish\x12\x1f.micro.events.v1.PublishRequest\x1a .micro.events.v1.PublishResponse\x12T\n\rPublishStream\x12\x1f.micro.events.v1.PublishRequest\x1a\x1e.micro.events.v1.PublishResult(\x01\x30\x01\x12\x46\n\x07\x43onsume\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x16.micro.events.v1.Event(\x01\x30\x01\x12[\n\x0cPublishBatch\x12$.micro.events.v1.PublishBatchRequest\x1a%.micro.events.v1.PublishBatchResponse\x12R\n\x0e\x43onsumeBatches\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x1b.micro.events.v1.EventBatch(\x01\x30\x01\x12I\n\x06Topics\x12\x1e.micro.events.v1.TopicsRequest\x1a\x1f.micro.events.v1.TopicsResponse2L\n\x05Store\x12\x43\n\x04Read\x12\x1c.micro.events.v1.ReadRequest\x1a\x1d.micro.events.v1.ReadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmicro/events/v1/events.proto\x12\x0fmicro.events.v1\"\xd2\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.micro.events.v1.Event.MetadataEntry\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12?\n\x08metadata\x18\x02 \x03(\x0b\x32-.micro.events.v1.PublishRequest.MetadataEntry\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x0fPublishResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"A\n\x05\x45rror\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"T\n\rPublishResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.micro.events.v1.Error\"A\n\x0ePublishResults\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.micro.events.v1.PublishResult\"\xd7\x01\n\x0e\x43onsumeOptions\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12%\n\x05start\x18\x03 \x01(\x0e\x32\x16.micro.events.v1.Start\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\r\n\x05since\x18\x05 \x01(\x03\x12\x15\n\x08\x61uto_ack\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08\x61\x63k_wait\x18\x07 \x01(\x03\x12\x13\n\x0bretry_limit\x18\x08 \x01(\x05\x12\x14\n\x0cstart_if_new\x18\t \x01(\x08\x42\x0b\n\t_auto_ack\"\"\n\x03\x41\x63k\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\".\n\x08\x41\x63kBatch\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.micro.events.v1.Ack\"\xa4\x01\n\x0e\x43onsumeRequest\x12\x32\n\x07options\x18\x01 \x01(\x0b\x32\x1f.micro.events.v1.ConsumeOptionsH\x00\x12#\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x14.micro.events.v1.AckH\x00\x12.\n\tack_batch\x18\x03 \x01(\x0b\x32\x19.micro.events.v1.AckBatchH\x00\x42\t\n\x07request\"F\n\x13PublishBatchRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.micro.events.v1.PublishRequest\"I\n\x14PublishBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .micro.events.v1.PublishResponse\"4\n\nEventBatch\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event\"\x0f\n\rTopicsRequest\"\"\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03lag\x18\x02 \x01(\x04\"c\n\x05Topic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12&\n\x06groups\x18\x04 \x03(\x0b\x32\x16.micro.events.v1.Group\"8\n\x0eTopicsResponse\x12&\n\x06topics\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Topic\";\n\x0bReadRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"6\n\x0cReadResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.micro.events.v1.Event*9\n\x05Start\x12\t\n\x05GROUP\x10\x00\x12\r\n\tBEGINNING\x10\x01\x12\x0c\n\x08SEQUENCE\x10\x02\x12\x08\n\x04TIME\x10\x03\x32\xf6\x03\n\x06Stream\x12L\n\x07Publish\x12\x1f.micro.events.v1.PublishRequest\x1a .micro.events.v1.PublishResponse\x12Z\n\rPublishStream\x12$.micro.events.v1.PublishBatchRequest\x1a\x1f.micro.events.v1.PublishResults(\x01\x30\x01\x12\x46\n\x07\x43onsume\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x16.micro.events.v1.Event(\x01\x30\x01\x12[\n\x0cPublishBatch\x12$.micro.events.v1.PublishBatchRequest\x1a%.micro.events.v1.PublishBatchResponse\x12R\n\x0e\x43onsumeBatches\x12\x1f.micro.events.v1.ConsumeRequest\x1a\x1b.micro.events.v1.EventBatch(\x01\x30\x01\x12I\n\x06Topics\x12\x1e.micro.events.v1.TopicsRequest\x1a\x1f.micro.events.v1.TopicsResponse2L\n\x05Store\x12\x43\n\x04Read\x12\x1c.micro.events.v1.ReadRequest\x1a\x1d.micro.events.v1.ReadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_PUBLISHREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_PUBLISHREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_START']._serialized_start=1647
-  _globals['_START']._serialized_end=1704
+  _globals['_START']._serialized_start=1714
+  _globals['_START']._serialized_end=1771
   _globals['_EVENT']._serialized_start=50
   _globals['_EVENT']._serialized_end=260
   _globals['_EVENT_METADATAENTRY']._serialized_start=213
@@ -51,34 +51,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_end=560
   _globals['_PUBLISHRESULT']._serialized_start=562
   _globals['_PUBLISHRESULT']._serialized_end=646
-  _globals['_CONSUMEOPTIONS']._serialized_start=649
-  _globals['_CONSUMEOPTIONS']._serialized_end=864
-  _globals['_ACK']._serialized_start=866
-  _globals['_ACK']._serialized_end=900
-  _globals['_ACKBATCH']._serialized_start=902
-  _globals['_ACKBATCH']._serialized_end=948
-  _globals['_CONSUMEREQUEST']._serialized_start=951
-  _globals['_CONSUMEREQUEST']._serialized_end=1115
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=1117
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1187
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1189
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1262
-  _globals['_EVENTBATCH']._serialized_start=1264
-  _globals['_EVENTBATCH']._serialized_end=1316
-  _globals['_TOPICSREQUEST']._serialized_start=1318
-  _globals['_TOPICSREQUEST']._serialized_end=1333
-  _globals['_GROUP']._serialized_start=1335
-  _globals['_GROUP']._serialized_end=1369
-  _globals['_TOPIC']._serialized_start=1371
-  _globals['_TOPIC']._serialized_end=1470
-  _globals['_TOPICSRESPONSE']._serialized_start=1472
-  _globals['_TOPICSRESPONSE']._serialized_end=1528
-  _globals['_READREQUEST']._serialized_start=1530
-  _globals['_READREQUEST']._serialized_end=1589
-  _globals['_READRESPONSE']._serialized_start=1591
-  _globals['_READRESPONSE']._serialized_end=1645
-  _globals['_STREAM']._serialized_start=1707
-  _globals['_STREAM']._serialized_end=2203
-  _globals['_STORE']._serialized_start=2205
-  _globals['_STORE']._serialized_end=2281
+  _globals['_PUBLISHRESULTS']._serialized_start=648
+  _globals['_PUBLISHRESULTS']._serialized_end=713
+  _globals['_CONSUMEOPTIONS']._serialized_start=716
+  _globals['_CONSUMEOPTIONS']._serialized_end=931
+  _globals['_ACK']._serialized_start=933
+  _globals['_ACK']._serialized_end=967
+  _globals['_ACKBATCH']._serialized_start=969
+  _globals['_ACKBATCH']._serialized_end=1015
+  _globals['_CONSUMEREQUEST']._serialized_start=1018
+  _globals['_CONSUMEREQUEST']._serialized_end=1182
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=1184
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1254
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1256
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1329
+  _globals['_EVENTBATCH']._serialized_start=1331
+  _globals['_EVENTBATCH']._serialized_end=1383
+  _globals['_TOPICSREQUEST']._serialized_start=1385
+  _globals['_TOPICSREQUEST']._serialized_end=1400
+  _globals['_GROUP']._serialized_start=1402
+  _globals['_GROUP']._serialized_end=1436
+  _globals['_TOPIC']._serialized_start=1438
+  _globals['_TOPIC']._serialized_end=1537
+  _globals['_TOPICSRESPONSE']._serialized_start=1539
+  _globals['_TOPICSRESPONSE']._serialized_end=1595
+  _globals['_READREQUEST']._serialized_start=1597
+  _globals['_READREQUEST']._serialized_end=1656
+  _globals['_READRESPONSE']._serialized_start=1658
+  _globals['_READRESPONSE']._serialized_end=1712
+  _globals['_STREAM']._serialized_start=1774
+  _globals['_STREAM']._serialized_end=2276
+  _globals['_STORE']._serialized_start=2278
+  _globals['_STORE']._serialized_end=2354
 # @@protoc_insertion_point(module_scope)

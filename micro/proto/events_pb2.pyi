@@ -92,6 +92,12 @@ class PublishResult(_message.Message):
     error: Error
     def __init__(self, id: _Optional[str] = ..., sequence: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
+class PublishResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PublishResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[PublishResult, _Mapping]]] = ...) -> None: ...
+
 class ConsumeOptions(_message.Message):
     __slots__ = ("topic", "group", "start", "sequence", "since", "auto_ack", "ack_wait", "retry_limit", "start_if_new")
     TOPIC_FIELD_NUMBER: _ClassVar[int]

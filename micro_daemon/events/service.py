@@ -68,18 +68,21 @@ class StreamHandler:
         return events_pb2.PublishResponse(id=event_id, sequence=seq)
 
     async def PublishStream(
-        self, requests: AsyncIterator[events_pb2.PublishRequest], context: Context
-    ) -> AsyncIterator[events_pb2.PublishResult]:
-        """Publish each request; an invalid one, or a batch the engine refuses, is answered with its
-        error and the stream goes on."""
+        self, requests: AsyncIterator[events_pb2.PublishBatchRequest], context: Context
+    ) -> AsyncIterator[events_pb2.PublishResults]:
+        """Publish the events of each message; an invalid one, or a batch the engine refuses, is
+        answered with its error and the stream goes on."""
         reader = _Requests(requests)
         try:
-            while batch := await reader.batch():
-                entries = [_entry(request) for request in batch]
+            while messages := await reader.batch():
+                entries = [_entry(event) for message in messages for event in message.events]
                 with reader.reading_ahead():
                     results = await self._publish_each(context.namespace, entries)
-                for result in results:
-                    yield result
+                start = 0
+                for message in messages:
+                    end = start + len(message.events)
+                    yield events_pb2.PublishResults(results=results[start:end])
+                    start = end
         finally:
             await reader.close()
 
@@ -307,7 +310,7 @@ class _EventBatches:
 
 
 class _Requests:
-    """The requests of a ``PublishStream``, in batches of those that have arrived.
+    """The messages of a ``PublishStream``, in batches of those that have arrived.
 
     While publishing never waits (an idle embedded engine commits at once),
     each request is read directly. While a publish waits (an fsync, another
@@ -315,14 +318,15 @@ class _Requests:
     and make the next batch.
     """
 
-    def __init__(self, requests: AsyncIterator[events_pb2.PublishRequest]) -> None:
+    def __init__(self, requests: AsyncIterator[events_pb2.PublishBatchRequest]) -> None:
         self._requests = aiter(requests)
-        self._ahead: deque[events_pb2.PublishRequest] = deque()
+        self._ahead: deque[events_pb2.PublishBatchRequest] = deque()
         self._reader: asyncio.Task[None] | None = None
         self._ended = False
 
-    async def batch(self) -> list[events_pb2.PublishRequest]:
-        """The next requests (waiting for one); empty once the stream ended."""
+    async def batch(self) -> list[events_pb2.PublishBatchRequest]:
+        """The next messages (waiting for one), about ``PUBLISH_BATCH`` events at most; empty
+        once the stream ended."""
         if not self._ahead and self._reader is not None:
             reader, self._reader = self._reader, None
             await reader  # its last read; a failure of the request stream is raised here
@@ -332,7 +336,12 @@ class _Requests:
                 self._ended = True
             else:
                 self._ahead.append(request)
-        return [self._ahead.popleft() for _ in range(min(len(self._ahead), PUBLISH_BATCH))]
+        batch: list[events_pb2.PublishBatchRequest] = []
+        events = 0
+        while self._ahead and (not batch or events + len(self._ahead[0].events) <= PUBLISH_BATCH):
+            batch.append(self._ahead.popleft())
+            events += len(batch[-1].events)
+        return batch
 
     @contextlib.contextmanager
     def reading_ahead(self) -> Iterator[None]:
@@ -350,7 +359,7 @@ class _Requests:
             self._reader = asyncio.create_task(self._read_until(done))
 
     async def _read_until(self, done: asyncio.Event) -> None:
-        while not done.is_set() and len(self._ahead) < 2 * PUBLISH_BATCH:
+        while not done.is_set() and len(self._ahead) < PUBLISH_BATCH:
             request = await anext(self._requests, None)
             if request is None:
                 self._ended = True

@@ -100,3 +100,21 @@ async def test_without_a_stream_publish_calls_publish() -> None:
     assert await EventsClient(client).publish("t", {"a": 2}) == ("e1", 7)
     assert calls == ["/micro.events.v1.Stream/Publish"] * 2
     assert not _publisher.publisher(client).supported
+
+
+async def test_concurrent_publishes_share_messages(daemon: Daemon, client: Client, monkeypatch: Any) -> None:
+    backend = daemon._events
+    assert backend is not None
+    calls = 0
+    publish_many = backend.publish_many
+
+    async def counted(namespace: str, items: Any) -> list[tuple[str, int]]:
+        nonlocal calls
+        calls += 1
+        return await publish_many(namespace, items)
+
+    monkeypatch.setattr(backend, "publish_many", counted)
+    events = EventsClient(client)
+    results = await asyncio.gather(*(events.publish("t", n) for n in range(200)))
+    assert sorted(seq for _, seq in results) == list(range(1, 201))
+    assert calls < 100

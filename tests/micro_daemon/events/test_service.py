@@ -118,24 +118,34 @@ async def test_read_stops_before_a_too_large_response(backend: MemoryEvents, mon
     assert len((await store.Read(events_pb2.ReadRequest(topic="big"), ALICE)).events) == 1
 
 
-async def test_publish_stream_answers_each_in_order_and_goes_on_after_a_bad_request(
+def message(*events: events_pb2.PublishRequest) -> events_pb2.PublishBatchRequest:
+    return events_pb2.PublishBatchRequest(events=events)
+
+
+async def test_publish_stream_answers_each_event_in_order_and_goes_on_after_a_bad_one(
     backend: MemoryEvents,
 ) -> None:
-    requests = Requests(*(events_pb2.PublishRequest(topic="t", payload=b"%d" % i) for i in range(2)))
-    requests.queue.put_nowait(events_pb2.PublishRequest(topic="bad topic"))
-    requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"x" * (MAX_EVENT_BYTES + 1)))
-    requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"2"))
+    requests = Requests(message(events_pb2.PublishRequest(topic="t", payload=b"0")))
+    requests.queue.put_nowait(
+        message(
+            events_pb2.PublishRequest(topic="t", payload=b"1"),
+            events_pb2.PublishRequest(topic="bad topic"),
+            events_pb2.PublishRequest(topic="t", payload=b"x" * (MAX_EVENT_BYTES + 1)),
+        )
+    )
+    requests.queue.put_nowait(message())
+    requests.queue.put_nowait(message(events_pb2.PublishRequest(topic="t", payload=b"2")))
     requests.queue.put_nowait(None)
-    results = [r async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
-    assert [(r.sequence, r.error.code, r.error.id) for r in results] == [
-        (1, 0, ""),
-        (2, 0, ""),
-        (0, 400, "events"),
-        (0, 413, "events"),
-        (3, 0, ""),
+    answers = [list(r.results) async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    assert [[(r.sequence, r.error.code, r.error.id) for r in answer] for answer in answers] == [
+        [(1, 0, "")],
+        [(2, 0, ""), (0, 400, "events"), (0, 413, "events")],
+        [],
+        [(3, 0, "")],
     ]
-    assert "bad topic" in results[2].error.detail and results[2].error.status == "Bad Request"
-    assert all(r.id for r in results if not r.HasField("error"))
+    bad = answers[1][1]
+    assert "bad topic" in bad.error.detail and bad.error.status == "Bad Request"
+    assert all(r.id for answer in answers for r in answer if not r.HasField("error"))
     assert [e.payload for e in await backend.read("alice", "t")] == [b"0", b"1", b"2"]
 
 
@@ -148,16 +158,19 @@ async def test_publish_stream_batches_what_has_arrived(backend: MemoryEvents, mo
         return await publish_many(namespace, items)
 
     monkeypatch.setattr(backend, "publish_many", counted)
-    requests = Requests(*(events_pb2.PublishRequest(topic="t", payload=b"x") for _ in range(1200)), None)
-    sequences = [r.sequence async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
-    assert sequences == list(range(1, 1201))
+    one = events_pb2.PublishRequest(topic="t", payload=b"x")
+    requests = Requests(*(message(one, one) for _ in range(600)), None)
+    answers = [list(r.results) async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    assert [len(answer) for answer in answers] == [2] * 600
+    assert [r.sequence for answer in answers for r in answer] == list(range(1, 1201))
     assert max(batches) == service.PUBLISH_BATCH and len(batches) < 10
 
 
 async def test_publish_stream_answers_a_refused_batch_with_its_error(backend: MemoryEvents) -> None:
     await backend.close()
-    requests = Requests(events_pb2.PublishRequest(topic="t", payload=b"x"), None)
-    [result] = [r async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    requests = Requests(message(events_pb2.PublishRequest(topic="t", payload=b"x")), None)
+    [answer] = [r async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    [result] = answer.results
     assert result.error.code == 503 and not result.sequence
 
 
@@ -270,8 +283,8 @@ async def test_publish_stream_reads_ahead_only_while_a_publish_waits(
         requests = Requests()
         answers = StreamHandler(events).PublishStream(requests, ALICE)
         for n in range(1, 21):
-            requests.queue.put_nowait(events_pb2.PublishRequest(topic="t", payload=b"x"))
-            assert (await asyncio.wait_for(anext(answers), TIMEOUT)).sequence == n
+            requests.queue.put_nowait(message(events_pb2.PublishRequest(topic="t", payload=b"x")))
+            assert (await asyncio.wait_for(anext(answers), TIMEOUT)).results[0].sequence == n
         assert read_ahead == 0  # (fewer than the 64 writes that send one through the writer thread)
         requests.queue.put_nowait(None)
         assert [r async for r in answers] == []
