@@ -15,6 +15,7 @@ fails if the installed grpc does not know them.
 from __future__ import annotations
 
 import os
+import sys
 
 __all__ = ["EXPERIMENTS", "use_polling_transport"]
 
@@ -22,5 +23,10 @@ EXPERIMENTS = "-event_engine_client,-event_engine_listener,-event_engine_for_all
 
 
 def use_polling_transport() -> None:
-    """Select the polling transport for this process and its children, unless the environment chose."""
-    os.environ.setdefault("GRPC_EXPERIMENTS", EXPERIMENTS)
+    """Select the polling transport for this process and its children, unless the environment chose.
+
+    Nothing to do once grpc is imported (a daemon started inside a process that already uses
+    grpc, as tests do): the choice would not apply to it, and its children choose for themselves.
+    """
+    if "grpc" not in sys.modules:
+        os.environ.setdefault("GRPC_EXPERIMENTS", EXPERIMENTS)

@@ -56,8 +56,15 @@ def test_a_choice_in_the_environment_is_kept(monkeypatch):
     assert os.environ["GRPC_EXPERIMENTS"] == ""
 
 
-def test_no_choice_gets_the_polling_transport(monkeypatch):
+def test_no_choice_gets_the_polling_transport(tmp_path):
+    call = "from micro_daemon.grpc_transport import use_polling_transport as u\nu()\nsys.modules['micro_daemon.app'].run()"
+    assert _probe(call, tmp_path) == f"{EXPERIMENTS} False"
+
+
+def test_once_grpc_is_imported_the_environment_is_left_alone(monkeypatch):
+    import grpc  # noqa: F401  # as in a test process, or a program embedding the daemon
+
     monkeypatch.setenv("GRPC_EXPERIMENTS", "placeholder")
     monkeypatch.delenv("GRPC_EXPERIMENTS")
     use_polling_transport()
-    assert os.environ["GRPC_EXPERIMENTS"] == EXPERIMENTS
+    assert "GRPC_EXPERIMENTS" not in os.environ
