@@ -57,7 +57,8 @@ def test_a_choice_in_the_environment_is_kept(monkeypatch):
 
 
 def test_no_choice_gets_the_polling_transport(tmp_path):
-    call = "from micro_daemon.grpc_transport import use_polling_transport as u\nu()\nsys.modules['micro_daemon.app'].run()"
+    call = "from micro_daemon.grpc_transport import use_polling_transport\nuse_polling_transport()\n"
+    call += "sys.modules['micro_daemon.app'].run()"
     assert _probe(call, tmp_path) == f"{EXPERIMENTS} False"
 
 
