@@ -11,7 +11,9 @@ the wire match. Same call both ways: ``/helloworld.Helloworld/Call`` with proto 
 Each round runs, per daemon, a phase with 1 call in flight and one with 50 in flight; the order
 alternates from round to round so drift hits both alike. Beside the wall-clock figures, the CPU
 time the daemon and the service spent per call in the 50-in-flight phases (from /proc): on a
-shared, noisy machine that is the steadier measure of what auth adds.
+shared, noisy machine that is the steadier measure of what auth adds. ``--control`` starts the
+second daemon with auth on too (an A/A run): what it reports is the bench's own bias between two
+identical daemons (seen here: the first about 30 us of daemon CPU a call above the second).
 
 Target: auth on costs <= 10% (p50 with 1 in flight, and throughput with 50 in flight, medians
 over rounds).
@@ -106,9 +108,13 @@ def main() -> None:
     parser.add_argument(
         "--calls", type=int, default=800, help=f"calls per daemon per round, {IN_FLIGHT} in flight"
     )
+    parser.add_argument(
+        "--control", action="store_true", help="an A/A run: the second daemon enforces auth too"
+    )
     args = parser.parse_args()
 
-    with start_daemon(MICRO_AUTH="jwt") as on, start_daemon(MICRO_AUTH="none") as off:
+    second = "jwt" if args.control else "none"
+    with start_daemon(MICRO_AUTH="jwt") as on, start_daemon(MICRO_AUTH=second) as off:
         folder = new_service(on)
         run_service(on, folder, "--no-watch", "--env_vars", "MICRO_LOG_LEVEL=WARNING")
         run_service(off, folder, "--no-watch", "--env_vars", "MICRO_LOG_LEVEL=WARNING")
