@@ -13,9 +13,10 @@ event loop, ``write_now``) when the writer thread is idle: without an fsync it
 takes tens of microseconds, less than the hop to the thread and back.
 Checkpoints, which do fsync, then never run there: the writing connection does
 not checkpoint by itself (``wal_autocheckpoint=0``); after every
-``_CHECKPOINT_ROWS`` rows written, the writer thread checkpoints through a
-connection of its own, alongside the writes (``PASSIVE``), and only if writes
-never let the WAL start over does it hold them off for a ``RESTART``.
+``_CHECKPOINT_ROWS`` rows written or ``_CHECKPOINT_BYTES`` the WAL grew by, the
+writer thread checkpoints through a connection of its own, alongside the writes
+(``PASSIVE``), and only if writes never let the WAL start over does it hold
+them off for a ``RESTART``.
 
 Both embedded engines are built on it: the store's
 (``micro_daemon.store.backends.sqlite``) and the events'
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 _MAX_BATCH = 1000
 _READERS = 4
 _BUSY_TIMEOUT = 5.0
-_CHECKPOINT_ROWS = 1000  # rows written between checkpoints (SQLite's default: 1000 pages)
+_CHECKPOINT_ROWS = 1000  # rows written between checkpoints ...
+_CHECKPOINT_BYTES = 4 * 1024 * 1024  # ... or bytes the WAL grew by (SQLite's default: 1000 pages)
 _RESTART_FRAMES = 4000  # a WAL that grew past this many pages (16 MiB) is made to start over
 _CHECKPOINT = object()  # queued to the writer thread: checkpoint
 
@@ -121,6 +123,8 @@ class _Writer(threading.Thread):
         self.submitted = 0  # writes queued, counted by the event loop ...
         self.taken = 0  # ... and taken, counted by this thread: each count has one writer
         self._checkpointed = 0  # conn.total_changes at the last checkpoint request
+        self._wal = f"{conn.execute('PRAGMA database_list').fetchone()[2]}-wal"
+        self._wal_size = 0  # the WAL's size then
 
     def run(self) -> None:
         try:
@@ -162,8 +166,15 @@ class _Writer(threading.Thread):
     def _committed(self) -> None:
         """Count a commit (holding ``lock``), and ask for a checkpoint when enough was written."""
         self.commits += 1
-        if self.checkpointer is not None and self.conn.total_changes - self._checkpointed >= _CHECKPOINT_ROWS:
-            self._checkpointed = self.conn.total_changes
+        if self.checkpointer is None:
+            return
+        try:  # a WAL restarted after a checkpoint refills before it grows: rows count meanwhile
+            size = os.stat(self._wal).st_size
+        except OSError:
+            size = self._wal_size
+        rows = self.conn.total_changes
+        if rows - self._checkpointed >= _CHECKPOINT_ROWS or size - self._wal_size >= _CHECKPOINT_BYTES:
+            self._checkpointed, self._wal_size = rows, size
             self.queue.put(_CHECKPOINT)
 
     def _step(self) -> bool:
