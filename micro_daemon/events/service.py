@@ -2,11 +2,11 @@
 
 Topics live in the caller's namespace. ``Consume`` reads its first request as
 the options and later ones as acks, concurrently with streaming events out;
-``PublishStream`` publishes the valid requests that have arrived as one batch
-(one transaction), answering each in order with its result or its error.
-``PublishBatch`` and ``ConsumeBatches``
-are their batched forms: many events per gRPC message, which costs about as
-much as an event's whole handling, so replay and bulk publish send few.
+``PublishStream`` publishes the valid events of the messages that have arrived
+as one batch (one transaction), answering each message with a result or an
+error per event. ``PublishBatch`` and ``ConsumeBatches`` are the batched forms
+of ``Publish`` and ``Consume``: many events per gRPC message, which costs about
+as much as an event's whole handling, so replay and bulk publish send few.
 """
 
 from __future__ import annotations
