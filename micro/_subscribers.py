@@ -116,7 +116,8 @@ class Consumption(_Entrypoint):
     ack_wait: float = 30.0
     retry_limit: int = 5
     # Once an event arrived the group is positioned: reconnecting resumes it rather than
-    # moving it to ``start`` again (a group from the beginning would replay everything).
+    # moving it to ``start`` again (a group from the beginning would replay everything). A
+    # restarted process does the same through start_if_new: only a new group starts at ``start``.
     _positioned: bool = field(default=False, init=False)
 
     def extra(self) -> dict[str, str]:
@@ -130,6 +131,7 @@ class Consumption(_Entrypoint):
             self.topic,
             group=self.group,
             start="group" if self._positioned else self.start,
+            start_if_new=True,
             auto_ack=False,
             ack_wait=self.ack_wait,
             retry_limit=self.retry_limit,

@@ -34,7 +34,10 @@ class Settings:
         "store engine: sqlite (local default), sqlite:///path.db, memory, postgres://...",
     )
     events_address: str = _setting(
-        "MICRO_EVENTS_ADDRESS", "", "events engine: sqlite (local default), sqlite:///path.db, nats://..."
+        "MICRO_EVENTS_ADDRESS",
+        "",
+        "events engine: sqlite (local default), sqlite:///path.db, sqlite://?synchronous=full (fsync "
+        "per commit), nats://...",
     )
     broker_address: str = _setting(
         "MICRO_BROKER_ADDRESS", "", "broker engine: memory (local default), nats://..."

@@ -408,3 +408,33 @@ async def test_a_consumer_from_the_beginning_does_not_start_over_when_it_reconne
     finally:
         await service.stop(grace=0)
         await restarted.stop(grace=0)
+
+
+async def test_a_restarted_service_resumes_its_group_instead_of_starting_over(
+    daemon: Daemon, client: Client, services: Callable[[str], Service]
+) -> None:
+    got: list[int] = []
+    await EventsClient(client).publish_many("ledger", [1, 2])
+
+    def consuming() -> Service:
+        service = services("bookkeeper")
+
+        @service.consume("ledger", start="beginning")
+        async def on_event(n: int) -> None:
+            got.append(n)
+
+        return service
+
+    first = consuming()
+    await first.start()
+    await eventually(lambda: got == [1, 2])
+    await first.stop(grace=0)
+    await EventsClient(client).publish("ledger", 3)
+    second = consuming()  # a new process of the same service: its group already exists
+    await second.start()
+    try:
+        await eventually(lambda: len(got) >= 3)
+        await asyncio.sleep(0.2)
+        assert got == [1, 2, 3]
+    finally:
+        await second.stop(grace=0)
