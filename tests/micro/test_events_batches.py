@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,21 +12,11 @@ from micro import events as events_module
 from micro.client import Client
 from micro.errors import BadRequest
 from micro.events import EventsClient
-from micro.home import Home
 from micro.proto import events_pb2
 from micro.transport import GrpcTransport
 from micro_daemon.app import Daemon
-from micro_daemon.settings import Settings
 
 WAIT = 5.0
-
-
-@pytest.fixture
-async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(Settings.load(), Home.from_env())
-    await daemon.start()
-    yield daemon
-    await daemon.stop(grace=1)
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,29 +11,12 @@ from micro import _publisher
 from micro.client import Client
 from micro.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
 from micro.events import EventsClient
-from micro.home import Home
 from micro.proto import events_pb2
-from micro.transport import GrpcTransport, Metadata, MockTransport
+from micro.transport import Metadata, MockTransport
 from micro_daemon.app import Daemon
 from micro_daemon.events.backend import MAX_EVENT_BYTES
-from micro_daemon.settings import Settings
 
 WAIT = 5.0
-
-
-@pytest.fixture
-async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(Settings.load(), Home.from_env())
-    await daemon.start()
-    yield daemon
-    await daemon.stop(grace=1)
-
-
-@pytest.fixture
-async def client(daemon: Daemon) -> AsyncIterator[Client]:
-    client = Client(GrpcTransport(daemon.address), timeout=WAIT)
-    yield client
-    await client.close()
 
 
 async def test_publishes_share_one_stream_and_keep_order(client: Client) -> None:

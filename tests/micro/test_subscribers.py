@@ -27,21 +27,6 @@ WAIT = 5.0
 
 
 @pytest.fixture
-async def daemon(micro_home: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(Settings.load(), Home.from_env())
-    await daemon.start()
-    yield daemon
-    await daemon.stop(grace=1)
-
-
-@pytest.fixture
-async def client(daemon: Daemon) -> AsyncIterator[Client]:
-    client = Client(GrpcTransport(daemon.address), timeout=WAIT)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
 async def services() -> AsyncIterator[Callable[[str], Service]]:
     """New ``Service``s, each stopped at the end of the test."""
     made: list[Service] = []
