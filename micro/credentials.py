@@ -7,9 +7,10 @@ A ``Client`` sends ``authorization: Bearer <token>`` on every call when it has
 1. ``MICRO_AUTH_TOKEN`` (with ``MICRO_AUTH_REFRESH_TOKEN`` and
    ``MICRO_AUTH_TOKEN_EXPIRY``, as the runtime gives every service it runs:
    the token is then refreshed before it expires);
-2. on a loopback address, the local owner's token that the daemon writes to
-   ``MICRO_HOME`` (readable only by the user who runs it), so a developer's
-   own scripts and services run by hand act as the machine's owner;
+2. on the address of this ``MICRO_HOME``'s own daemon (its state file says
+   which), the local owner's token that the daemon writes there (readable
+   only by the user who runs it), so a developer's own scripts and services
+   run by hand act as the machine's owner;
 3. none: the call is anonymous, and the namespace's rules decide.
 
 The CLI passes its own (a login per environment and namespace).
@@ -205,9 +206,7 @@ def is_loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def from_environment(
-    address: str | None, environ: Mapping[str, str] | None = None, owner_token: Path | None = None
-) -> Credentials | None:
+def from_environment(address: str | None, environ: Mapping[str, str] | None = None) -> Credentials | None:
     """The credentials a client finds by itself (see the module docstring); ``None`` if there are none."""
     env = os.environ if environ is None else environ
     access = env.get(TOKEN_ENV, "")
@@ -224,10 +223,21 @@ def from_environment(
         namespace = env.get("MICRO_NAMESPACE") or DEFAULT_NAMESPACE
         return RefreshingToken(TokenSet(access, refresh, expiry), namespace=namespace)
     if address is not None and is_loopback(address):
-        if owner_token is None:
-            from micro.home import Home
+        from micro.home import Home
 
-            owner_token = Home.from_env().owner_token
-        if owner_token.exists():
-            return OwnerToken(owner_token)
+        # Only to this home's own daemon: another daemon on this machine may be another user's.
+        home = Home.from_env()
+        state = home.read_state()
+        if state is not None and _host_port(address) in {
+            _host_port(state.address),
+            _host_port(state.local_address),
+        }:
+            if home.owner_token.exists():
+                return OwnerToken(home.owner_token)
     return None
+
+
+def _host_port(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    return f"{'127.0.0.1' if host == 'localhost' else host}:{port}"
