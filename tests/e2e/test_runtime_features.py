@@ -91,6 +91,7 @@ def test_logs_status_and_kill(folder: Path, monkeypatch: pytest.MonkeyPatch) -> 
         _next_matching(lines, "started in")  # the tail comes first
         answer("Follower")
         assert "with name Follower" in _next_matching(lines, "Follower")
+        followed = time.time()
     finally:
         follow.send_signal(signal.SIGINT)
         follow.wait(timeout=10)
@@ -113,7 +114,7 @@ def test_logs_status_and_kill(folder: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert {"stream": "stdout"} in [r["metadata"] for r in records]
 
     # --since 1s is whole seconds on the wire: anything over 2 s old is out of it.
-    time.sleep(max(0.0, started["timestamp"] + 2.2 - time.time()))
+    time.sleep(max(0.0, max(started["timestamp"], followed) + 2.2 - time.time()))
     answer("Recent")
     recent = [r["message"] for r in _json_logs("--since", "1s")]
     assert any("with name Recent" in m for m in recent), recent
