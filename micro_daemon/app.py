@@ -40,6 +40,7 @@ from micro.proto import (
     store_pb2,
 )
 from micro.schema import endpoints
+from micro_daemon.auth.disabled import AuthDisabled
 from micro_daemon.auth.engine import AuthEngine
 from micro_daemon.auth.gate import Gate
 from micro_daemon.auth.keys import PRIVATE_KEY_ENV, KeyPair
@@ -291,12 +292,13 @@ class Daemon:
                 (EventsStoreHandler(self._events), events_pb2.DESCRIPTOR.services_by_name["Store"]),
             ],
         }
-        if auth is not None:
-            blocks["auth"] = [
-                (AuthHandler(auth), auth_pb2.DESCRIPTOR.services_by_name["Auth"]),
-                (AccountsHandler(auth), auth_pb2.DESCRIPTOR.services_by_name["Accounts"]),
-                (RulesHandler(auth), auth_pb2.DESCRIPTOR.services_by_name["Rules"]),
-            ]
+        auth_handlers: tuple[object, ...] = (
+            (AuthHandler(auth), AccountsHandler(auth), RulesHandler(auth)) if auth else (AuthDisabled(),) * 3
+        )
+        blocks["auth"] = [
+            (handler, auth_pb2.DESCRIPTOR.services_by_name[name])
+            for handler, name in zip(auth_handlers, ("Auth", "Accounts", "Rules"), strict=True)
+        ]
         checks = {
             name: backend.health
             for name, backend in (

@@ -327,3 +327,13 @@ async def test_with_auth_off_anyone_is_an_administrator(micro_home: Path) -> Non
             assert (await StoreClient(anonymous, database="team-b").read("k", prefix=True)) == []
     finally:
         await running.stop(grace=0)
+
+
+async def test_with_auth_off_the_auth_block_says_so(micro_home: Path) -> None:
+    running = await started(auth="none")
+    try:
+        async with client(running, None) as anonymous:
+            error = await refused(AuthClient(anonymous).list(), MicroError)
+        assert error.code == 501 and "--auth none" in error.detail
+    finally:
+        await running.stop(grace=0)
