@@ -84,7 +84,12 @@ class GrpcTransport(Transport):
         if self._channel is None:
             import grpc.aio
 
-            options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            options = [
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                # A channel of its own connects afresh: grpc's shared subchannels would hand a new
+                # client the backoff of an old one whose server went away (a restarted daemon).
+                ("grpc.use_local_subchannel_pool", 1),
+            ]
             if self.secure:
                 roots = _read_ca_file(self.ca_file) if self.ca_file else None
                 credentials = grpc.ssl_channel_credentials(root_certificates=roots)

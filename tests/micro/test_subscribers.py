@@ -351,7 +351,11 @@ async def test_subscribers_come_back_after_the_daemon_restarts(
             await BrokerClient(after).publish("pings", "after")
             await EventsClient(after).publish("jobs", "after")
             await eventually(lambda: messages == ["before", "after"], timeout=10)
-            await eventually(lambda: events == ["before", "while-away", "after"], timeout=10)
+            # At least once: "before" comes again if its ack (sent in batches) had not reached the
+            # daemon when it stopped; nothing is lost and the order holds.
+            await eventually(
+                lambda: list(dict.fromkeys(events)) == ["before", "while-away", "after"], timeout=10
+            )
     finally:
         await service.stop(grace=0)
         await restarted.stop(grace=0)
