@@ -54,6 +54,7 @@ __all__ = [
     "Start",
     "check_item",
     "check_items",
+    "check_read",
     "validate_topic",
 ]
 
@@ -71,6 +72,15 @@ _GROUP = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 def validate_topic(topic: str) -> str:
     """Return ``topic`` if valid (the broker's rules: ``orders.created``), else raise ``BadRequest``."""
     return _validate_topic(topic, id=ERROR_ID)
+
+
+def check_read(topic: str, limit: int, offset: int) -> None:
+    """Raise ``BadRequest`` unless ``read(topic, limit, offset)`` asks for something valid."""
+    validate_topic(topic)
+    if not 1 <= limit <= MAX_READ_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_READ_LIMIT}, not {limit}", id=ERROR_ID)
+    if offset < 0:
+        raise BadRequest(f"offset must be 0 or more, not {offset}", id=ERROR_ID)
 
 
 class Start(enum.IntEnum):

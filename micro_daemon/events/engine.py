@@ -18,13 +18,12 @@ from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from micro.errors import BadRequest, ServiceUnavailable
+from micro.errors import ServiceUnavailable
 from micro.proto import events_pb2
 from micro_daemon.events.backend import (
     DEFAULT_READ_LIMIT,
     ERROR_ID,
     MAX_EVENT_BYTES,
-    MAX_READ_LIMIT,
     Consumer,
     ConsumeSpec,
     EventsBackend,
@@ -32,6 +31,7 @@ from micro_daemon.events.backend import (
     Retention,
     Start,
     check_items,
+    check_read,
     validate_topic,
 )
 from micro_daemon.events.group import Group
@@ -103,11 +103,7 @@ class EmbeddedEvents(EventsBackend):
         self, namespace: str, topic: str, limit: int = DEFAULT_READ_LIMIT, offset: int = 0
     ) -> list[events_pb2.Event]:
         self._check_open()
-        validate_topic(topic)
-        if not 1 <= limit <= MAX_READ_LIMIT:
-            raise BadRequest(f"limit must be between 1 and {MAX_READ_LIMIT}, not {limit}", id=ERROR_ID)
-        if offset < 0:
-            raise BadRequest(f"offset must be 0 or more, not {offset}", id=ERROR_ID)
+        check_read(topic, limit, offset)
         return await self.log.read(namespace, topic, limit, offset)
 
     async def topics(self, namespace: str) -> list[events_pb2.Topic]:

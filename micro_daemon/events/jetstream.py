@@ -58,13 +58,13 @@ from micro_daemon.events.backend import (
     DEFAULT_READ_LIMIT,
     ERROR_ID,
     MAX_EVENT_BYTES,
-    MAX_READ_LIMIT,
     Consumer,
     ConsumeSpec,
     EventsBackend,
     PublishItem,
     Retention,
     check_item,
+    check_read,
     validate_topic,
 )
 from micro_daemon.events.jetstream_consumer import Member
@@ -202,11 +202,7 @@ class JetStreamEvents(EventsBackend):
         self, namespace: str, topic: str, limit: int = DEFAULT_READ_LIMIT, offset: int = 0
     ) -> list[events_pb2.Event]:
         self._check_open()
-        validate_topic(topic)
-        if not 1 <= limit <= MAX_READ_LIMIT:
-            raise BadRequest(f"limit must be between 1 and {MAX_READ_LIMIT}, not {limit}", id=ERROR_ID)
-        if offset < 0:
-            raise BadRequest(f"offset must be 0 or more, not {offset}", id=ERROR_ID)
+        check_read(topic, limit, offset)
         stream, subject = self.names.stream(namespace), self.names.subject(namespace, topic)
         with map_nats_exceptions(self.link.address):
             if not await self._exists(namespace):
