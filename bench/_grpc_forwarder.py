@@ -6,6 +6,8 @@ retry; one server and one channel in one process, as the daemon's proxy has.
 * ``aio``: a ``grpc.aio`` server and channel on one event loop, the daemon's way. What the daemon
   spends per call beyond this is micro's own work; what this spends is grpc.aio's floor.
 * ``sync``: a ``grpc.server`` with a thread pool, each handler calling a blocking stub.
+* ``relay``: micro's relay (``micro_daemon.relay``) with one fixed destination: HTTP/2 frames
+  copied per call, nothing of gRPC terminated.
 * ``tcp``: not a gRPC proxy: an asyncio relay copying the bytes of each connection to one upstream
   connection, with no HTTP/2 parsing (so it cannot route by call). What a hop through one more
   Python process costs when nothing terminates the calls.
@@ -113,6 +115,22 @@ async def serve_tcp(upstream: str) -> None:
     server.close()
 
 
+async def serve_relay(upstream: str) -> None:
+    from micro_daemon.relay.relay import Destination, Relay
+
+    destination = Destination(upstream, lambda dead, exclude: None if exclude == upstream else upstream)
+
+    class Fixed:
+        def route(self, headers: object, peer: str) -> Destination:
+            return destination
+
+    relay = Relay(Fixed())
+    port = await relay.listen("127.0.0.1", 0)
+    print(port, flush=True)
+    await _until_sigterm()
+    await relay.close()
+
+
 async def _until_sigterm() -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -121,13 +139,14 @@ async def _until_sigterm() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("aio", "sync", "tcp"), default="aio")
+    parser.add_argument("--kind", choices=("aio", "sync", "tcp", "relay"), default="aio")
     parser.add_argument("upstream")
     args = parser.parse_args()
     if args.kind == "sync":
         serve_sync(args.upstream)
     else:
-        asyncio.run((serve_aio if args.kind == "aio" else serve_tcp)(args.upstream))
+        serve = {"aio": serve_aio, "tcp": serve_tcp, "relay": serve_relay}[args.kind]
+        asyncio.run(serve(args.upstream))
 
 
 if __name__ == "__main__":

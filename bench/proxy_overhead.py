@@ -68,6 +68,7 @@ FORWARDERS = {
     "aio-ee": ("bare grpc.aio forwarder, EventEngine (info)", "aio", ""),
     "sync": ("bare sync grpc forwarder (info)", "sync", EXPERIMENTS),
     "tcp": ("asyncio TCP relay, no gRPC (info)", "tcp", EXPERIMENTS),
+    "relay": ("micro's HTTP/2 relay, one destination (info)", "relay", EXPERIMENTS),
 }
 
 Op = Callable[[], Awaitable[Any]]

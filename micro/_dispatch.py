@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 
 from micro._binding import Method
 from micro._grpc_errors import grpc_status_for, trailing_metadata_for
-from micro._metadata import CODEC_KEY, NAMESPACE_KEY, REMOTE_ADDRESS_KEY, SERVICE_KEY
+from micro._metadata import CODEC_KEY, NAMESPACE_KEY, RELAY_KEY, REMOTE_ADDRESS_KEY, SERVICE_KEY
 from micro.codec import decode_json, decode_proto, encode_json
 from micro.context import DEFAULT_NAMESPACE, Context, _current, validate_namespace
 from micro.errors import InternalServerError, MicroError
@@ -58,7 +58,16 @@ Admit = Callable[[Context], None]
 class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     """Routes calls to bound methods by gRPC path, or by service and endpoint for JSON callers."""
 
-    def __init__(self, *, authenticate: Authenticate | None = None, admit: Admit | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        authenticate: Authenticate | None = None,
+        admit: Admit | None = None,
+        relay_secret: str | None = None,
+    ) -> None:
+        """``relay_secret``: calls carrying it under ``micro-relay`` came through the daemon's relay,
+        so their ``micro-remote-address`` (the relay's caller) is believed instead of the peer."""
+        self.relay_secret = relay_secret
         self._by_path: dict[str, tuple[str, Method]] = {}
         self._by_endpoint: dict[tuple[str, str], Method] = {}
         self.counters = Counters()
@@ -190,7 +199,9 @@ class _serving:
 
     def _context(self) -> Context:
         metadata = {k: v for k, v in self.grpc_context.invocation_metadata() or () if isinstance(v, str)}
-        metadata[REMOTE_ADDRESS_KEY] = peer_host(self.grpc_context.peer() or "")
+        relayed = metadata.pop(RELAY_KEY, None)
+        if relayed is None or relayed != self.call.dispatcher.relay_secret:
+            metadata[REMOTE_ADDRESS_KEY] = peer_host(self.grpc_context.peer() or "")
         remaining = self.grpc_context.time_remaining()
         return Context(
             namespace=validate_namespace(metadata.get(NAMESPACE_KEY) or DEFAULT_NAMESPACE),

@@ -59,6 +59,8 @@ from micro_daemon.events.service import EventsStoreHandler, StreamHandler
 from micro_daemon.proxy import Proxy
 from micro_daemon.registry.backend import RegistryBackend
 from micro_daemon.registry.service import RegistryHandler
+from micro_daemon.relay.relay import Relay
+from micro_daemon.relay.routing import ServiceRouter
 from micro_daemon.runtime.manager import Runtime
 from micro_daemon.runtime.service import RuntimeHandler
 from micro_daemon.settings import Settings, parse_address
@@ -98,6 +100,7 @@ class Daemon:
         self._broker: BrokerBackend | None = None
         self._events: EventsBackend | None = None
         self._proxy: Proxy | None = None
+        self._relay: Relay | None = None
         self._runtime: Runtime | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._blocks: list[registry_pb2.Service] = []
@@ -189,6 +192,9 @@ class Daemon:
             await self._runtime.shutdown()  # the services deregister while the registry still answers
         if self._server is not None:
             await self._server.stop(grace)
+        if self._relay is not None:
+            await self._relay.close()
+            self._relay = None
         if self._proxy is not None:
             await self._proxy.close()
             self._proxy = None
@@ -227,6 +233,10 @@ class Daemon:
 
     async def _authenticate(self, metadata: Mapping[str, str]) -> tuple[Account | None, MicroError | None]:
         return await self.gate.authenticate(metadata)
+
+    def _node_gone(self, address: str) -> None:
+        if self._relay is not None:
+            self._relay.discard(address)
 
     def _admit(self, context: Context) -> None:
         self.gate.admit_block(context)
@@ -320,6 +330,8 @@ class Daemon:
         host, port = parse_address(self.address)
         self._tls = load_tls(self.settings)
         _check_port_free(host, port, self.address)
+        # The blocks (and the proxy's slow paths) are served by grpc.aio on a private loopback
+        # port; callers reach it, and user services' nodes, through the relay on the public port.
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -328,23 +340,23 @@ class Daemon:
             ]
         )
         assert self._registry is not None
-        self._proxy = Proxy(self._registry, gate=self.gate)
+        self._proxy = Proxy(self._registry, gate=self.gate, on_gone=self._node_gone)
         await self._proxy.start()
         server.add_generic_rpc_handlers((self.dispatcher, self._proxy))
-        try:
-            if self._tls is None:
-                bound = server.add_insecure_port(self.address)
-            else:
-                bound = server.add_secure_port(self.address, self._tls.grpc_credentials())
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise _port_error(host, port, self.address)
-        self.address = self.local_address = f"{host}:{bound}"
-        if self._tls is not None:
-            self.local_address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        internal = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         await server.start()
         self._server = server
+        router = ServiceRouter(self._proxy.directory, self.gate, internal)
+        self.dispatcher.relay_secret = router.secret
+        self._relay = Relay(router)
+        try:
+            ssl_context = self._tls.relay_ssl_context() if self._tls else None
+            bound = await self._relay.listen(host, port, ssl=ssl_context)
+        except OSError:
+            raise _port_error(host, port, self.address) from None
+        self.address = self.local_address = f"{host}:{bound}"
+        if self._tls is not None:
+            self.local_address = f"127.0.0.1:{await self._relay.listen('127.0.0.1', 0)}"
         await self._register_blocks()
         self._tasks = [
             asyncio.create_task(self._every(PURGE_INTERVAL, self._purge)),

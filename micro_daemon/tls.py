@@ -50,6 +50,12 @@ class TlsFiles:
         context.load_cert_chain(self.cert_path, self.key_path)
         return context
 
+    def relay_ssl_context(self) -> ssl.SSLContext:
+        """The gRPC port's context: gRPC clients insist that the server chooses HTTP/2 by ALPN."""
+        context = self.ssl_context()
+        context.set_alpn_protocols(["h2"])
+        return context
+
 
 def load_tls(settings: Settings) -> TlsFiles | None:
     """The TLS files of ``settings``, checked; ``None`` when neither is set (plaintext)."""

@@ -19,7 +19,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from micro._grpc_errors import ERROR_METADATA_KEY, grpc_status_for, trailing_metadata_for
-from micro._metadata import CODEC_KEY
+from micro._metadata import CODEC_KEY, RELAY_KEY
 from micro.codec import decode_json, decode_proto, encode_json
 from micro.errors import BadRequest, MicroError, ServiceUnavailable
 from micro_daemon.proxy.channels import ChannelPool
@@ -28,7 +28,7 @@ from micro_daemon.proxy.directory import ERROR_ID, Target
 __all__ = ["Forward", "RequestPump", "Transcoder", "abort", "has_error_trailer", "unreachable"]
 
 ATTEMPTS = 2  # the first node, then one other
-_HOP_BY_HOP = frozenset({"user-agent", "te", "host", "connection", "content-type", CODEC_KEY})
+_HOP_BY_HOP = frozenset({"user-agent", "te", "host", "connection", "content-type", CODEC_KEY, RELAY_KEY})
 
 ServicerContext = Any  # grpc.aio.ServicerContext; grpc is untyped
 Metadata = tuple[tuple[str, str | bytes], ...]

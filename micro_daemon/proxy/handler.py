@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -36,11 +36,23 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     """
 
     def __init__(
-        self, backend: RegistryBackend, *, pool: ChannelPool | None = None, gate: Gate | None = None
+        self,
+        backend: RegistryBackend,
+        *,
+        pool: ChannelPool | None = None,
+        gate: Gate | None = None,
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_gone(address)``: also told when no service lists a node at ``address`` any more."""
         self.pool = pool or ChannelPool()
-        self.directory = Directory(backend, on_gone=self.pool.discard)
+        self._on_gone = on_gone
+        self.directory = Directory(backend, on_gone=self._gone)
         self.gate = gate or Gate(None)
+
+    def _gone(self, address: str) -> None:
+        self.pool.discard(address)
+        if self._on_gone is not None:
+            self._on_gone(address)
 
     async def start(self) -> None:
         """Load the ``micro`` domain and start following it."""
