@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +29,12 @@ from micro._grpc_errors import grpc_status_for, trailing_metadata_for
 from micro._metadata import CODEC_KEY, NAMESPACE_KEY, RELAY_KEY, REMOTE_ADDRESS_KEY, SERVICE_KEY
 from micro.codec import decode_json, decode_proto, encode_json
 from micro.context import DEFAULT_NAMESPACE, Context, _current, validate_namespace
-from micro.errors import InternalServerError, MicroError
+from micro.errors import BadRequest, InternalServerError, MicroError
 
 if TYPE_CHECKING:
     from micro.auth import Account
 
-__all__ = ["Admit", "Authenticate", "Counters", "Dispatcher"]
+__all__ = ["Admit", "Authenticate", "Counters", "Dispatcher", "LocalStream", "LocalUnary"]
 
 log = logging.getLogger("micro.server")
 
@@ -68,6 +68,7 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyp
         """``relay_secret``: calls carrying it under ``micro-relay`` came through the daemon's relay,
         so their ``micro-remote-address`` (the relay's caller) is believed instead of the peer."""
         self.relay_secret = relay_secret
+        self._local: dict[tuple[str, str | None], LocalUnary | LocalStream | None] = {}
         self._by_path: dict[str, tuple[str, Method]] = {}
         self._by_endpoint: dict[tuple[str, str], Method] = {}
         self.counters = Counters()
@@ -76,12 +77,33 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyp
 
     def add(self, service: str, methods: list[Method]) -> None:
         """Serve ``methods`` as part of ``service``."""
+        self._local.clear()
         for method in methods:
             self._by_path.setdefault(method.path, (service, method))
             self._by_endpoint[(service, method.endpoint)] = method
 
     def find(self, service: str, endpoint: str) -> Method | None:
         return self._by_endpoint.get((service, endpoint))
+
+    def local(self, path: str, service: str | None) -> LocalUnary | LocalStream | None:
+        """The method a proto call to ``path`` naming ``service`` reaches, to serve without gRPC.
+
+        For a server that parses calls itself (the daemon's relay); ``None`` when
+        the call is not one of ours (leave it to the gRPC server).
+        """
+        key = (path, service)
+        found = self._local.get(key)
+        if found is None and key not in self._local:
+            entry = self._by_path.get(path)
+            method = entry and self._by_endpoint.get((service or entry[0], entry[1].endpoint))
+            if method:
+                assert entry is not None
+                call = _Call(self, service or entry[0], method, *_proto_codec(method))
+                streaming = method.client_streaming or method.server_streaming
+                found = LocalStream(call) if streaming else LocalUnary(call)
+            if len(self._local) < 4096:  # paths callers invent cannot grow it further
+                self._local[key] = found
+        return found
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         metadata = dict(handler_call_details.invocation_metadata)
@@ -166,6 +188,39 @@ class _Call:
         async for data in requests:
             yield self.decode(data)
 
+    async def enter(self, metadata: Iterable[tuple[str, Any]], peer: str, deadline: float | None) -> Context:
+        """Count the call and build its ``Context``, with the caller's identity, admitted or refused."""
+        self.counters.requests += 1
+        dispatcher = self.dispatcher
+        values = {k: v for k, v in metadata if isinstance(v, str)}
+        relayed = values.pop(RELAY_KEY, None)
+        if relayed is None or relayed != dispatcher.relay_secret:
+            values[REMOTE_ADDRESS_KEY] = peer
+        context = Context(
+            namespace=validate_namespace(values.get(NAMESPACE_KEY) or DEFAULT_NAMESPACE),
+            metadata=values,
+            service=self.service,
+            endpoint=self.method.endpoint,
+            deadline=deadline,
+        )
+        if dispatcher.authenticate is not None:
+            context.account, context.auth_error = await dispatcher.authenticate(context.metadata)
+        if dispatcher.admit is not None:
+            dispatcher.admit(context)
+        return context
+
+    def failed(self, error: MicroError, peer: str) -> None:
+        """Count ``error`` and log it if it refused access."""
+        self.counters.errors += 1
+        if not error.id:
+            error.id = self.service
+        if error.code in (401, 403):  # refused access is worth an operator's eye; the token is not logged
+            log.warning("refused %s %s from %s: %s", self.service, self.method.endpoint, peer, error.detail)
+
+    def unexpected(self, exc: Exception) -> MicroError:
+        log.exception("unexpected error in %s %s", self.service, self.method.endpoint)
+        return InternalServerError(f"{self.method.endpoint} failed: {type(exc).__name__}: {exc}")
+
 
 class _serving:
     """Builds the handler's Context, counts the call and turns exceptions into statuses."""
@@ -175,14 +230,13 @@ class _serving:
         self.grpc_context = grpc_context
 
     async def __aenter__(self) -> Context:
-        self.call.counters.requests += 1
-        dispatcher = self.call.dispatcher
+        remaining = self.grpc_context.time_remaining()
         try:
-            context = self._context()
-            if dispatcher.authenticate is not None:
-                context.account, context.auth_error = await dispatcher.authenticate(context.metadata)
-            if dispatcher.admit is not None:
-                dispatcher.admit(context)
+            context = await self.call.enter(
+                self.grpc_context.invocation_metadata() or (),
+                peer_host(self.grpc_context.peer() or ""),
+                None if remaining is None else time.monotonic() + remaining,
+            )
         except MicroError as error:
             await self._abort(error)
             raise
@@ -194,42 +248,86 @@ class _serving:
     ) -> bool:
         if exc is None or not isinstance(exc, Exception) or _is_abort(exc):
             return False
-        await self._abort(exc if isinstance(exc, MicroError) else self._unexpected(exc))
+        await self._abort(exc if isinstance(exc, MicroError) else self.call.unexpected(exc))
         return False  # abort raises; this is never reached
 
-    def _context(self) -> Context:
-        metadata = {k: v for k, v in self.grpc_context.invocation_metadata() or () if isinstance(v, str)}
-        relayed = metadata.pop(RELAY_KEY, None)
-        if relayed is None or relayed != self.call.dispatcher.relay_secret:
-            metadata[REMOTE_ADDRESS_KEY] = peer_host(self.grpc_context.peer() or "")
-        remaining = self.grpc_context.time_remaining()
-        return Context(
-            namespace=validate_namespace(metadata.get(NAMESPACE_KEY) or DEFAULT_NAMESPACE),
-            metadata=metadata,
-            service=self.call.service,
-            endpoint=self.call.method.endpoint,
-            deadline=None if remaining is None else time.monotonic() + remaining,
-        )
-
     async def _abort(self, error: MicroError) -> None:
-        self.call.counters.errors += 1
-        if not error.id:
-            error.id = self.call.service
-        if error.code in (401, 403):  # refused access is worth an operator's eye; the token is not logged
-            log.warning(
-                "refused %s %s from %s: %s",
-                self.call.service,
-                self.call.method.endpoint,
-                peer_host(self.grpc_context.peer() or ""),
-                error.detail,
-            )
+        self.call.failed(error, peer_host(self.grpc_context.peer() or ""))
         await self.grpc_context.abort(
             grpc_status_for(error), error.detail, trailing_metadata=trailing_metadata_for(error)
         )
 
-    def _unexpected(self, exc: Exception) -> MicroError:
-        log.exception("unexpected error in %s %s", self.call.service, self.call.method.endpoint)
-        return InternalServerError(f"{self.call.method.endpoint} failed: {type(exc).__name__}: {exc}")
+
+class LocalUnary:
+    """A unary method served to a caller that is not a gRPC server's: bytes in, bytes out.
+
+    ``__call__`` raises ``MicroError`` (anything else a handler raises becomes a
+    logged 500), so the caller writes the status itself. It sets the handler's
+    ``Context`` as the current one: run it in a context of its own
+    (``contextvars.copy_context().run``, or a task).
+    """
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    async def __call__(
+        self, data: bytes, metadata: Iterable[tuple[str, str]], peer: str, deadline: float | None
+    ) -> bytes:
+        call = self._call
+        try:
+            context = await call.enter(metadata, peer, deadline)
+            _current.set(context)
+            return call.encode(await call.method.func(call.decode(data), context))
+        except MicroError as error:
+            call.failed(error, peer)
+            raise
+        except Exception as exc:
+            unexpected = call.unexpected(exc)
+            call.failed(unexpected, peer)
+            raise unexpected from None
+
+
+class LocalStream:
+    """A streaming method (any of the three shapes) served to a caller that is not a gRPC server's.
+
+    ``__call__`` takes the request messages' bytes as an async iterator and
+    yields the responses' bytes; errors as ``LocalUnary``'s. A server-streaming
+    method reads exactly one request.
+    """
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    async def __call__(
+        self,
+        requests: AsyncIterator[bytes],
+        metadata: Iterable[tuple[str, str]],
+        peer: str,
+        deadline: float | None,
+    ) -> AsyncIterator[bytes]:
+        call = self._call
+        method = call.method
+        try:
+            context = await call.enter(metadata, peer, deadline)
+            _current.set(context)
+            if not method.client_streaming:
+                request = await anext(requests, None)
+                if request is None:
+                    raise BadRequest("the call sent no request message")
+                async for response in method.func(call.decode(request), context):
+                    yield call.encode(response)
+            elif not method.server_streaming:
+                yield call.encode(await method.func(call._decoded(requests), context))
+            else:
+                async for response in method.func(call._decoded(requests), context):
+                    yield call.encode(response)
+        except MicroError as error:
+            call.failed(error, peer)
+            raise
+        except Exception as exc:
+            unexpected = call.unexpected(exc)
+            call.failed(unexpected, peer)
+            raise unexpected from None
 
 
 def peer_host(peer: str) -> str:

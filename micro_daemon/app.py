@@ -346,7 +346,7 @@ class Daemon:
         internal = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         await server.start()
         self._server = server
-        router = ServiceRouter(self._proxy.directory, self.gate, internal)
+        router = ServiceRouter(self._proxy.directory, self.gate, internal, self.dispatcher)
         self.dispatcher.relay_secret = router.secret
         self._relay = Relay(router)
         try:

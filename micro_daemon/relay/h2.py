@@ -86,7 +86,18 @@ def settings_frame(settings: dict[int, int]) -> bytes:
 class Stream:
     """One side of a relayed call on one connection; ``peer`` is the other side."""
 
-    __slots__ = ("conn", "credit", "ended_in", "ended_out", "id", "owner", "peer", "queue", "window")
+    __slots__ = (
+        "conn",
+        "credit",
+        "ended_in",
+        "ended_out",
+        "id",
+        "owner",
+        "peer",
+        "queue",
+        "waiter",
+        "window",
+    )
 
     def __init__(self, conn: Connection, stream_id: int = 0) -> None:
         self.conn = conn
@@ -98,6 +109,7 @@ class Stream:
         self.credit = 0  # bytes received on it and forwarded, not yet given back
         self.ended_in = False  # the peer sent END_STREAM
         self.ended_out = False  # we sent END_STREAM
+        self.waiter: asyncio.Future[None] | None = None  # resolved when the queue empties or the stream ends
 
 
 _dirty: list[Connection] = []
@@ -233,6 +245,13 @@ class Connection(asyncio.Protocol):
             self.write(frame(RST_STREAM, 0, stream.id, _U32.pack(code)))
         self.forget(stream)
 
+    def reset_after(self, stream: Stream, code: int) -> None:
+        """End ``stream`` with RST_STREAM ``code`` once what it has queued has gone out."""
+        if stream.queue:
+            stream.queue.append((RST_STREAM, _U32.pack(code), True))
+        else:
+            self.reset(stream, code)
+
     def open(self, stream: Stream, stream_id: int) -> None:
         """Give an outgoing ``stream`` its id and send what it queued (its HEADERS first)."""
         stream.id = stream_id
@@ -245,6 +264,7 @@ class Connection(asyncio.Protocol):
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         self.blocked.pop(stream, None)
+        _wake(stream)
 
     def give_back(self, stream: Stream, count: int) -> None:
         """``count`` bytes received on ``stream`` went out on the other side: let the peer send more."""
@@ -304,9 +324,14 @@ class Connection(asyncio.Protocol):
             kind, payload, end = queue.popleft()
             if kind == HEADERS:
                 self._write_headers(stream, payload, end)
+            elif kind == RST_STREAM:
+                if not (stream.ended_in and stream.ended_out):  # else closed already: nothing to reset
+                    self.reset(stream, _U32.unpack(payload)[0])
+                return
             elif not self._write_data(stream, payload, end):
                 return
         self.blocked.pop(stream, None)
+        _wake(stream)
 
     def _ended_out(self, stream: Stream) -> None:
         stream.ended_out = True
@@ -354,9 +379,9 @@ class Connection(asyncio.Protocol):
         elif kind == WINDOW_UPDATE:
             self._window_update(stream_id, payload)
         elif kind == RST_STREAM:
-            stream = self.streams.pop(stream_id, None)
+            stream = self.streams.get(stream_id)
             if stream is not None:
-                self.blocked.pop(stream, None)
+                self.forget(stream)  # through the subclass: a draining connection may close now
                 stream.queue.clear()
                 self.on_reset(stream, _U32.unpack(payload)[0] if len(payload) == 4 else INTERNAL_ERROR)
         elif kind == SETTINGS:
@@ -384,6 +409,8 @@ class Connection(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None:
             return  # a stream we reset or finished: its late data is dropped
+        if len(payload) < size:
+            self.give_back(stream, size - len(payload))  # the padding, which never goes out
         end = bool(flags & END_STREAM)
         if end:
             stream.ended_in = True
@@ -420,6 +447,8 @@ class Connection(asyncio.Protocol):
             self.forget(stream)
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ProtocolError("WINDOW_UPDATE of other than 4 bytes", FRAME_SIZE_ERROR)
         increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
             self.window += increment
@@ -451,6 +480,14 @@ class Connection(asyncio.Protocol):
         self.write(frame(SETTINGS, ACK, 0))
         for stream in list(self.blocked):
             self._drain(stream)
+
+
+def _wake(stream: Stream) -> None:
+    waiter = stream.waiter
+    if waiter is not None:
+        stream.waiter = None
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _unpad(payload: bytes) -> bytes:

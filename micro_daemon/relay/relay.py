@@ -33,7 +33,7 @@ from micro.errors import InternalServerError, MicroError, ServiceUnavailable
 from micro_daemon.relay.h2 import CANCEL, NO_ERROR, REFUSED_STREAM, Connection, ProtocolError, Stream, flush
 from micro_daemon.relay.hpack import encode
 
-__all__ = ["Destination", "Relay", "Router"]
+__all__ = ["Call", "Destination", "Handover", "Relay", "Route", "Router", "error_block"]
 
 log = logging.getLogger("micro.relay")
 
@@ -58,10 +58,24 @@ class Destination:
     vouch: Callable[[str], bytes] | None = None
 
 
+class Handover(Protocol):
+    """A route's answer meaning "not forwarded: this takes the call over" (see ``local.Serve``).
+
+    ``attach`` makes itself the owner of ``call.down`` (``Stream.owner``), so it
+    gets the stream's ``on_data(stream, payload, end)`` and ``on_reset(stream,
+    code)``, and answers the caller itself.
+    """
+
+    def attach(self, call: Call, relay: Relay, headers: dict[bytes, bytes]) -> None: ...
+
+
+Route = Destination | Handover
+
+
 class Router(Protocol):
     """Decides each call's destination from its request headers (pseudo-headers and metadata)."""
 
-    def route(self, headers: Headers, peer: str) -> Destination | Awaitable[Destination]:
+    def route(self, headers: dict[bytes, bytes], peer: str) -> Route | Awaitable[Route]:
         """The call's destination, or raise ``MicroError`` to answer the caller with it."""
         ...
 
@@ -138,18 +152,22 @@ class Relay:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    def start(self, call: Call, headers: Headers, peer: str) -> None:
+    def start(self, call: Call, headers: dict[bytes, bytes], peer: str) -> None:
         try:
             found = self.router.route(headers, peer)
         except MicroError as error:
             self.answer(call, error)
             return
-        if isinstance(found, Destination):
-            self._routed(call, found)
+        except Exception as exc:  # as in _route_later: this call fails, not the caller's connection
+            log.exception("routing a call failed")
+            self.answer(call, InternalServerError(f"the proxy failed to route the call: {exc}", id=ERROR_ID))
+            return
+        if isinstance(found, Awaitable):
+            asyncio.get_running_loop().create_task(self._route_later(call, found, headers))
         else:
-            asyncio.get_running_loop().create_task(self._route_later(call, found))
+            self._routed(call, found, headers)
 
-    async def _route_later(self, call: Call, pending: Awaitable[Destination]) -> None:
+    async def _route_later(self, call: Call, pending: Awaitable[Route], headers: dict[bytes, bytes]) -> None:
         try:
             destination = await pending
         except MicroError as error:
@@ -158,13 +176,16 @@ class Relay:
             log.exception("routing a call failed")
             self.answer(call, InternalServerError(f"the proxy failed to route the call: {exc}", id=ERROR_ID))
         else:
-            self._routed(call, destination)
+            self._routed(call, destination, headers)
         finally:
             flush()
 
-    def _routed(self, call: Call, destination: Destination) -> None:
+    def _routed(self, call: Call, destination: Route, headers: dict[bytes, bytes]) -> None:
         if call.down.conn.closed or call.down.owner is None:
             return  # the caller went away (or reset the call) while it was being routed
+        if not isinstance(destination, Destination):
+            destination.attach(call, self, headers)
+            return
         call.destination = destination
         if destination.vouch is not None:
             call.block += destination.vouch(call.peer)
@@ -175,7 +196,8 @@ class Relay:
         destination = call.destination
         assert destination is not None
         address = None
-        if call.attempts < ATTEMPTS and call.replay is not None:
+        # A first attempt sends what ``early`` holds, however much; only another needs the replay.
+        if call.attempts == 0 or (call.attempts < ATTEMPTS and call.replay is not None):
             address = destination.pick(self.dead, call.address)
         if address is None:
             detail = f": {reason}" if reason else ""
@@ -211,8 +233,8 @@ class Relay:
         """End the caller's call with ``error`` (a trailers-only response, or trailers after headers)."""
         down = call.down
         down.owner = None
-        if down.conn.closed or down.ended_out:
-            return
+        if down.conn.closed or down.ended_out or down.conn.streams.get(down.id) is not down:
+            return  # over already, or reset by the caller (while it was routed): nothing may follow
         down.queue.clear()  # an error ends the call: what the node sent and is still queued is moot
         down.conn.blocked.pop(down, None)
         down.conn.send_headers(down, error_block(error, headers_sent=call.answered), True)
@@ -257,8 +279,10 @@ class Downstream(Connection):
             if up is not None:
                 up.conn.send_headers(up, encode(fields) if dynamic else block, end)
             return
-        if stream_id <= self.last_stream or not stream_id % 2:
+        if not stream_id % 2:
             raise ProtocolError(f"stream {stream_id} cannot open a new call")
+        if stream_id <= self.last_stream:
+            return  # a closed stream's: after our RST_STREAM the caller's late frames are ignored
         self.last_stream = stream_id
         stream = Stream(self, stream_id)
         stream.ended_in = end
@@ -268,9 +292,12 @@ class Downstream(Connection):
         self.relay.start(call, dict(fields), self.peer_address)
 
     def on_data(self, stream: Stream, payload: bytes, end: bool) -> None:
-        call: Call | None = stream.owner
+        call = stream.owner
         if call is None:
             return  # answered by the relay already
+        if type(call) is not Call:
+            call.on_data(stream, payload, end)  # a Handover's
+            return
         if call.replay is not None:
             call.replayed += len(payload)
             if call.replayed > REPLAY_LIMIT:
@@ -285,6 +312,9 @@ class Downstream(Connection):
         up.conn.send_data(up, payload, end)
 
     def on_reset(self, stream: Stream, code: int) -> None:
+        owner = stream.owner
+        if owner is not None and type(owner) is not Call:
+            owner.on_reset(stream, code)  # a Handover's
         stream.owner = None
         up = stream.peer
         if up is not None:
@@ -395,13 +425,20 @@ class Upstream(Connection):
             self.relay.retry(call, "the node refused the call")
             return
         down.owner = None
-        down.conn.reset(down, code)
+        if code == NO_ERROR and stream.ended_in:
+            # The answer is complete (the caller had not finished sending): the caller gets all of
+            # it, then the reset, rather than losing what still waits for its window.
+            down.conn.reset_after(down, code)
+        else:
+            down.conn.reset(down, code)
 
     def on_goaway(self, last_stream: int) -> None:
         self.relay._gone(self)
         self.draining = True
         for stream_id in [i for i in self.streams if i > last_stream]:
-            stream = self.streams.pop(stream_id)
+            stream = self.streams[stream_id]
+            self.forget(stream)  # and out of ``blocked``: nothing more goes out on it
+            stream.queue.clear()
             call: Call | None = stream.owner
             if call is not None:
                 self._lost(call, "the node is shutting down")

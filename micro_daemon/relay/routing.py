@@ -14,9 +14,9 @@ who is calling and trusts no one else's claim of it.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Coroutine, Generator, Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
 
+from micro._dispatch import Dispatcher
 from micro._metadata import (
     AUTHORIZATION_KEY,
     CODEC_KEY,
@@ -30,10 +30,12 @@ from micro.errors import MicroError
 from micro_daemon.auth.gate import Gate, log_refusal
 from micro_daemon.proxy.directory import Directory, Target
 from micro_daemon.proxy.guard import endpoint_of
+from micro_daemon.relay.eager import eager
 from micro_daemon.relay.hpack import encode
-from micro_daemon.relay.relay import Destination
+from micro_daemon.relay.local import Serve
+from micro_daemon.relay.relay import Destination, Route
 
-__all__ = ["ServiceRouter"]
+__all__ = ["ServiceRouter", "eager"]
 
 FALLBACK_DOMAIN = DEFAULT_NAMESPACE  # where the building blocks live, readable from every namespace
 
@@ -47,26 +49,46 @@ _PATH = b":path"
 class ServiceRouter:
     """The daemon's ``Router``: user services' nodes from ``directory``, everything else to ``internal``."""
 
-    def __init__(self, directory: Directory, gate: Gate, internal: str) -> None:
+    def __init__(self, directory: Directory, gate: Gate, internal: str, dispatcher: Dispatcher) -> None:
         self.directory = directory
         self.gate = gate
+        self.dispatcher = dispatcher
+        self._served: dict[object, Serve] = {}
         self.secret = secrets.token_urlsafe(24)
         self._internal = Destination(
             "micro", lambda dead, exclude: None if exclude == internal else internal, self.forwarded_fields
         )
         self._destinations: dict[Target, Destination] = {}
 
-    def route(self, headers: Mapping[bytes, bytes], peer: str) -> Destination | Awaitable[Destination]:
+    def route(self, headers: Mapping[bytes, bytes], peer: str) -> Route | Awaitable[Route]:
+        if headers.get(_CODEC) == b"json":
+            return self._internal  # transcoding is the gRPC server's proxy's work
         service = headers.get(_SERVICE)
-        if not service or headers.get(_CODEC) == b"json":
+        name = service.decode("latin-1") if service else None
+        if name:
+            found = self._find(headers, name)
+            if isinstance(found, Target) and not found.local and found.nodes:
+                return self._to_nodes(headers, peer, name, found)
+        path = headers.get(_PATH, b"").decode("latin-1")
+        local = self.dispatcher.local(path, name)
+        if local is None:
+            # Streams, a namespace not loaded, an unknown name: the gRPC server serves or says why.
             return self._internal
-        name = service.decode("latin-1")
+        served = self._served.get(local)
+        if served is None:
+            served = self._served[local] = Serve(local)
+        return served
+
+    def _find(self, headers: Mapping[bytes, bytes], name: str) -> Target | object | None:
         namespace = (headers.get(_NAMESPACE) or b"").decode("latin-1") or DEFAULT_NAMESPACE
         found = self.directory.find(namespace, name)
         if found is None and namespace != FALLBACK_DOMAIN:
             found = self.directory.find(FALLBACK_DOMAIN, name)
-        if not isinstance(found, Target) or found.local or not found.nodes:
-            return self._internal  # not loaded, unknown, a building block, or no node: the server answers
+        return found
+
+    def _to_nodes(
+        self, headers: Mapping[bytes, bytes], peer: str, name: str, found: Target
+    ) -> Destination | Awaitable[Destination]:
         destination = self._destinations.get(found)
         if destination is None:
             if len(self._destinations) > 4096:
@@ -75,6 +97,7 @@ class ServiceRouter:
         if not self.gate.enabled:
             return destination
         path = headers.get(_PATH, b"").decode("latin-1")
+        namespace = (headers.get(_NAMESPACE) or b"").decode("latin-1") or DEFAULT_NAMESPACE
         metadata = {NAMESPACE_KEY: namespace, SERVICE_KEY: name}
         token = headers.get(_AUTHORIZATION)
         if token is not None:
@@ -103,41 +126,3 @@ class ServiceRouter:
 async def _then(pending: Awaitable[None], destination: Destination) -> Destination:
     await pending
     return destination
-
-
-def eager(coro: Coroutine[Any, Any, None]) -> Awaitable[None] | None:
-    """Run ``coro`` until it first waits: ``None`` if it finished, else an awaitable of the rest.
-
-    The gate's check almost never waits (its answers are cached), and a task per
-    call would cost more than the check: this runs it in the caller's stack.
-    Exceptions it raises before waiting propagate from here.
-    """
-    try:
-        waiting_on = coro.send(None)
-    except StopIteration:
-        return None
-    return _Resumed(coro, waiting_on)
-
-
-class _Resumed:
-    """The rest of a coroutine that already ran up to its first wait (``waiting_on``)."""
-
-    def __init__(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-        self._coro = coro
-        self._waiting_on = waiting_on
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro, waiting_on = self._coro, self._waiting_on
-        while True:
-            try:
-                sent = yield waiting_on
-            except BaseException as exc:  # a cancellation: into the coroutine, where it waits
-                try:
-                    waiting_on = coro.throw(exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                waiting_on = coro.send(sent)
-            except StopIteration:
-                return

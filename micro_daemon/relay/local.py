@@ -1,0 +1,345 @@
+"""Calls the daemon answers itself, served in the relay: no hop to its gRPC server.
+
+Most calls a daemon gets are for its building blocks (store reads and writes,
+config, registry, event publishing and consuming). Relaying them to the
+daemon's own ``grpc.aio`` server would cost a second hop and that server's
+per-call work; instead the relay parses the request messages out of the DATA
+frames, runs the block's method through the ``Dispatcher`` (the same auth
+hooks, counters and error mapping as the gRPC path) and writes the responses
+as DATA frames. A unary method that finishes without waiting (a cached read)
+is answered within the callback that read its request (``Served``); one that
+waits, and every streaming method (``ServedStream``), runs in a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import struct
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from micro._dispatch import LocalStream, LocalUnary
+from micro.errors import BadRequest, MicroError, PayloadTooLarge
+from micro.errors import NotImplemented as Unimplemented
+from micro_daemon.relay.eager import Resumed
+from micro_daemon.relay.h2 import NO_ERROR, Stream, flush
+from micro_daemon.relay.hpack import encode
+from micro_daemon.relay.relay import ERROR_ID, Call, Relay, error_block
+
+__all__ = ["Serve", "grpc_timeout"]
+
+MAX_REQUEST = 16 * 1024 * 1024  # as the daemon's gRPC server allows
+REFUSAL_DELAY = 0.1  # seconds a refusal waits for the caller's first request message (see _run)
+INBOX_LIMIT = 1024 * 1024  # request bytes a streaming method may leave unread before its caller waits
+
+_RESPONSE_HEADERS = encode([(b":status", b"200"), (b"content-type", b"application/grpc")])
+_OK_TRAILERS = encode([(b"grpc-status", b"0")])
+_PREFIX = struct.Struct(">BI")
+_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
+_SKIPPED = frozenset({b"te", b"content-type", b"user-agent", b"grpc-timeout", b"grpc-encoding"})
+
+
+class Serve:
+    """A route's answer meaning "the daemon serves this call itself, with ``method``"."""
+
+    __slots__ = ("method",)
+
+    def __init__(self, method: LocalUnary | LocalStream) -> None:
+        self.method = method
+
+    def attach(self, call: Call, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        """Take over ``call``'s stream: collect its request, then answer it."""
+        method = self.method
+        served: Served | ServedStream
+        if isinstance(method, LocalUnary):
+            served = Served(call.down, method, headers, call.peer, relay)
+        else:
+            served = ServedStream(call.down, method, headers, call.peer)
+        call.down.owner = served
+        call.down.peer = None
+        for payload, end in call.early or ():
+            served.on_data(call.down, payload, end)
+        if call.down.ended_in and not call.early:
+            served.on_data(call.down, b"", True)
+
+
+class Served:
+    """One unary call the relay answers itself."""
+
+    __slots__ = ("chunks", "deadline", "headers", "method", "peer", "relay", "size", "stream", "task")
+
+    def __init__(
+        self, stream: Stream, method: LocalUnary, headers: dict[bytes, bytes], peer: str, relay: Relay
+    ) -> None:
+        self.stream = stream
+        self.method = method
+        self.headers = headers
+        self.peer = peer
+        self.relay = relay
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.task: asyncio.Task[None] | None = None
+        timeout = headers.get(b"grpc-timeout")
+        self.deadline = None if timeout is None else grpc_timeout(timeout)
+
+    def on_data(self, stream: Stream, payload: bytes, end: bool) -> None:
+        if payload:
+            self.size += len(payload)
+            if self.size > MAX_REQUEST + 5:
+                self._answer_error(PayloadTooLarge(f"the request exceeds {MAX_REQUEST} bytes", id=ERROR_ID))
+                return
+            self.chunks.append(payload)
+            stream.conn.give_back(stream, len(payload))  # held here, not forwarded: the caller may go on
+        if end:
+            self._run()
+
+    def on_reset(self, stream: Stream, code: int) -> None:
+        stream.owner = None
+        if self.task is not None:
+            self.task.cancel()
+
+    def _run(self) -> None:
+        data = b"".join(self.chunks)
+        self.chunks = []
+        if len(data) < 5:
+            self._answer_error(BadRequest("the call sent no request message", id=ERROR_ID))
+            return
+        compressed, length = _PREFIX.unpack_from(data)
+        if compressed:
+            self._answer_error(Unimplemented("compressed requests are not supported", id=ERROR_ID))
+            return
+        if length != len(data) - 5:
+            self._answer_error(BadRequest("a unary call must send exactly one request message", id=ERROR_ID))
+            return
+        metadata = _metadata(self.headers)
+        deadline = None if self.deadline is None else time.monotonic() + self.deadline
+        coro = self.method(data[5:], metadata, self.peer, deadline)
+        context = contextvars.copy_context()  # the handler's Context is set in it, not in ours
+        try:
+            waiting_on = context.run(coro.send, None)
+        except StopIteration as done:
+            self._answer(done.value)
+        except MicroError as error:
+            self._answer_error(error)
+        else:
+            loop = asyncio.get_running_loop()
+            self.task = loop.create_task(self._finish(Resumed(coro, waiting_on)), context=context)
+
+    async def _finish(self, rest: Any) -> None:
+        try:
+            response: bytes = await rest
+        except MicroError as error:
+            self._answer_error(error)
+        except asyncio.CancelledError:
+            pass  # the caller went away
+        else:
+            self._answer(response)
+        finally:
+            flush()
+
+    def _answer(self, response: bytes) -> None:
+        stream = self.stream
+        if stream.owner is not self or stream.conn.closed:
+            return
+        stream.owner = None
+        conn = stream.conn
+        conn.send_headers(stream, _RESPONSE_HEADERS, False)
+        conn.send_data(stream, _PREFIX.pack(0, len(response)) + response, False)
+        conn.send_headers(stream, _OK_TRAILERS, True)
+
+    def _answer_error(self, error: MicroError) -> None:
+        stream = self.stream
+        if stream.owner is not self or stream.conn.closed:
+            return
+        stream.owner = None
+        stream.conn.send_headers(stream, error_block(error, headers_sent=False), True)
+        if not stream.ended_in:
+            stream.conn.reset(stream, NO_ERROR)
+
+
+class ServedStream:
+    """One streaming call the relay answers itself: request messages in, response messages out.
+
+    The method runs in a task of its own. Request messages are parsed out of
+    DATA frames as they arrive and the caller's window is given back as the
+    method reads them, so a method that reads slowly slows its caller. Each
+    response goes out as it is yielded; while the caller's window holds it up
+    the method waits, so a caller that reads slowly slows the method.
+    """
+
+    __slots__ = ("buffer", "deferred", "ended", "inbox", "owed", "stream", "task", "unread", "waiter")
+
+    def __init__(self, stream: Stream, method: LocalStream, headers: dict[bytes, bytes], peer: str) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.inbox: deque[bytes] = deque()
+        self.unread = 0  # bytes of the messages in the inbox
+        self.owed = 0  # bytes received and not given back yet, because the inbox is full
+        self.ended = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.deferred: tuple[MicroError, asyncio.TimerHandle] | None = None
+        timeout = headers.get(b"grpc-timeout")
+        seconds = None if timeout is None else grpc_timeout(timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        responses = method(self._requests(), _metadata(headers), peer, deadline)
+        loop = asyncio.get_running_loop()
+        # A context of its own: the method sets its Context as the current one in it.
+        self.task = loop.create_task(self._run(responses), context=contextvars.copy_context())
+
+    def on_data(self, stream: Stream, payload: bytes, end: bool) -> None:
+        if payload:
+            data = self.buffer + payload if self.buffer else payload
+            offset = 0
+            while len(data) - offset >= 5:
+                compressed, length = _PREFIX.unpack_from(data, offset)
+                if length > MAX_REQUEST:
+                    self._fail(PayloadTooLarge(f"a request message exceeds {MAX_REQUEST} bytes", id=ERROR_ID))
+                    return
+                if len(data) - offset - 5 < length:
+                    break
+                if compressed:
+                    self._fail(Unimplemented("compressed requests are not supported", id=ERROR_ID))
+                    return
+                self.inbox.append(data[offset + 5 : offset + 5 + length])
+                self.unread += 5 + length
+                offset += 5 + length
+            self.buffer = data[offset:]
+            # Credit what arrived unless the method is behind: a message larger than the window
+            # must be able to arrive whole, and a full inbox must stop the caller.
+            if self.unread < INBOX_LIMIT:
+                stream.conn.give_back(stream, len(payload) + self.owed)
+                self.owed = 0
+            else:
+                self.owed += len(payload)
+        if end:
+            self.ended = True
+        self._wake()
+        if self.deferred is not None and (self.inbox or self.ended):
+            self._send_deferred()
+
+    def on_reset(self, stream: Stream, code: int) -> None:
+        stream.owner = None
+        self.task.cancel()
+        if self.deferred is not None:
+            self.deferred[1].cancel()
+            self.deferred = None
+
+    async def _requests(self) -> AsyncIterator[bytes]:
+        stream = self.stream
+        while True:
+            if self.inbox:
+                message = self.inbox.popleft()
+                self.unread -= len(message) + 5
+                if self.owed and self.unread < INBOX_LIMIT:
+                    stream.conn.give_back(stream, self.owed)
+                    self.owed = 0
+                    flush()
+                yield message
+            elif self.ended:
+                if self.buffer:
+                    raise BadRequest("the call ended inside a request message", id=ERROR_ID)
+                return
+            else:
+                self.waiter = asyncio.get_running_loop().create_future()
+                await self.waiter
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, error: MicroError) -> None:
+        self.task.cancel()
+        self._send_error(error, headers_sent=False)
+
+    async def _run(self, responses: AsyncIterator[bytes]) -> None:
+        stream = self.stream
+        conn = stream.conn
+        headers_sent = False
+        try:
+            async for response in responses:
+                if stream.owner is not self or conn.closed:
+                    return
+                if not headers_sent:
+                    conn.send_headers(stream, _RESPONSE_HEADERS, False)
+                    headers_sent = True
+                conn.send_data(stream, _PREFIX.pack(0, len(response)) + response, False)
+                flush()
+                if stream.queue:  # the caller's window is full: wait until it reads
+                    stream.waiter = asyncio.get_running_loop().create_future()
+                    await stream.waiter
+                else:
+                    # As a gRPC server's write would: let others run before the method goes on
+                    # (consumers of one group take turns only if each yields after a delivery).
+                    await asyncio.sleep(0)
+        except MicroError as error:
+            if not headers_sent and not self.inbox and not self.ended and not self.stream.conn.closed:
+                # Refused before the caller wrote anything: answer once it does (or soon). A gRPC
+                # client whose first write meets an ended call reports "Internal error from Core"
+                # instead of the status it was sent.
+                timer = asyncio.get_running_loop().call_later(REFUSAL_DELAY, self._send_deferred)
+                self.deferred = (error, timer)
+            else:
+                self._send_error(error, headers_sent=headers_sent)
+            return
+        except asyncio.CancelledError:
+            return
+        finally:
+            await _close(responses)
+            flush()
+        if stream.owner is self and not conn.closed:
+            stream.owner = None
+            if not headers_sent:
+                conn.send_headers(stream, _RESPONSE_HEADERS, False)
+            # No RST_STREAM if the caller is still sending: a gRPC client whose write meets one
+            # reports an internal error instead of the status; it ends its side itself.
+            conn.send_headers(stream, _OK_TRAILERS, True)
+            flush()
+
+    def _send_deferred(self) -> None:
+        if self.deferred is not None:
+            error, timer = self.deferred
+            self.deferred = None
+            timer.cancel()
+            self._send_error(error, headers_sent=False)
+
+    def _send_error(self, error: MicroError, *, headers_sent: bool) -> None:
+        stream = self.stream
+        if stream.owner is not self or stream.conn.closed:
+            return
+        stream.owner = None
+        stream.queue.clear()
+        stream.conn.blocked.pop(stream, None)
+        stream.conn.send_headers(stream, error_block(error, headers_sent=headers_sent), True)
+        flush()
+
+
+async def _close(responses: AsyncIterator[bytes]) -> None:
+    close = getattr(responses, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(BaseException):
+            await close()
+
+
+def _metadata(headers: dict[bytes, bytes]) -> list[tuple[str, str]]:
+    """The call's metadata as the Dispatcher takes it: text keys only, no pseudo or transport headers."""
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers.items()
+        if name[:1] != b":" and name not in _SKIPPED and not name.endswith(b"-bin")
+    ]
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """Seconds of a ``grpc-timeout`` header (``100m``, ``5S``...); ``None`` if it is not one."""
+    unit = _UNITS.get(value[-1]) if value else None
+    digits = value[:-1]
+    if unit is None or not digits.isdigit() or len(digits) > 8:
+        return None
+    return int(digits) * unit
