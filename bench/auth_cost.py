@@ -47,7 +47,7 @@ from proxy_overhead import IN_FLIGHT, PATH, phase
 from micro.auth import AuthClient
 from micro.client import Client
 from micro.credentials import StaticToken
-from micro.transport import GrpcTransport
+from micro.transport import connect
 
 COST_LIMIT = 0.10
 EXTRA_RULES = 10
@@ -59,12 +59,12 @@ async def measure(
     sys.path.insert(0, folder)
     pb = importlib.import_module("proto.helloworld_pb2")
     address_on, token, daemon_on = on
-    with_auth = Client(GrpcTransport(address_on), credentials=StaticToken(token), timeout=30)
+    with_auth = Client(connect(address_on), credentials=StaticToken(token), timeout=30)
     auth = AuthClient(with_auth)
     await auth.list_rules()  # the namespace's first read writes the default rule, which grants this call
     for i in range(EXTRA_RULES):  # rules a real namespace might hold, none of them deciding this call
         await auth.create_rule(f"deny-{i}", f"service:other-{i}:*", scope="*", access="denied", priority=i)
-    without = Client(GrpcTransport(off[0]), credentials=StaticToken("x" * len(token)), timeout=30)
+    without = Client(connect(off[0]), credentials=StaticToken("x" * len(token)), timeout=30)
     pids = {
         "auth on": (daemon_on, (await service_node(with_auth))[1]),
         "auth off": (off[1], (await service_node(without))[1]),

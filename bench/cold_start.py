@@ -34,7 +34,7 @@ from _common import (
 from micro.client import Client
 from micro.debug import DebugClient
 from micro.errors import MicroError
-from micro.transport import GrpcTransport
+from micro.transport import connect
 
 LIMIT = 4.0
 HEALTH_TIMEOUT = 30.0
@@ -50,7 +50,7 @@ async def first_health(address: str) -> None:
     """Call Debug.Health until it answers (it should at once: the state file follows the bind)."""
     deadline = time.monotonic() + HEALTH_TIMEOUT
     while True:
-        client = Client(GrpcTransport(address), timeout=5.0)
+        client = Client(connect(address), timeout=5.0)
         try:
             await DebugClient(client, service="store").health()
             return

@@ -361,13 +361,13 @@ def main() -> None:
         return
 
     from micro.client import Client
-    from micro.transport import GrpcTransport
+    from micro.transport import connect
 
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
 
     async def find_node(address: str) -> tuple[str, int]:
-        client = Client(GrpcTransport(address), timeout=30)
+        client = Client(connect(address), timeout=30)
         try:
             return await service_node(client)
         finally:

@@ -43,7 +43,7 @@ from _common import (
 )
 
 from micro.client import Client
-from micro.transport import GrpcTransport
+from micro.transport import connect
 
 CALLS = 2000
 IN_FLIGHT = 20
@@ -87,7 +87,7 @@ async def calls(address: str, folder: str) -> tuple[str, int]:
     sys.path.insert(0, folder)
     pb = importlib.import_module("proto.helloworld_pb2")  # the service's generated module
 
-    client = Client(GrpcTransport(address))
+    client = Client(connect(address))
     node = await service_node(client)
     counter = iter(range(CALLS))
 
@@ -104,7 +104,7 @@ async def calls(address: str, folder: str) -> tuple[str, int]:
 
 
 async def lookup(address: str) -> tuple[str, int]:
-    client = Client(GrpcTransport(address))
+    client = Client(connect(address))
     try:
         return await service_node(client)
     finally:

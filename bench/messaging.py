@@ -52,7 +52,7 @@ from micro.credentials import OwnerToken
 from micro.debug import DebugClient
 from micro.events import EventsClient
 from micro.proto import events_pb2
-from micro.transport import GrpcTransport
+from micro.transport import connect
 
 PAYLOAD_SIZE = 1024
 REPLAY_PAYLOAD_SIZE = 100
@@ -115,7 +115,7 @@ async def concurrently(op: Callable[[int], Awaitable[Any]], count: int, in_fligh
 
 class Micro:
     def __init__(self, address: str, credentials: Any = AUTO) -> None:
-        self.client = Client(GrpcTransport(address), timeout=60, credentials=credentials)
+        self.client = Client(connect(address), timeout=60, credentials=credentials)
         self.events = EventsClient(self.client)
 
     async def close(self) -> None:
@@ -419,11 +419,11 @@ async def _fanout(
 
 
 async def micro_fanout(address: str, messages: int) -> Fanout:
-    publisher = Client(GrpcTransport(address), timeout=30)
+    publisher = Client(connect(address), timeout=30)
     clients: list[Client] = []
 
     async def subscribe(n: int, on_message: Callable[[bytes], None]) -> Callable[[], Awaitable[None]]:
-        client = Client(GrpcTransport(address), timeout=None)
+        client = Client(connect(address), timeout=None)
         clients.append(client)
 
         async def listen() -> None:

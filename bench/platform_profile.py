@@ -56,7 +56,7 @@ from micro.credentials import OwnerToken
 from micro.debug import DebugClient
 from micro.events import EventsClient
 from micro.store import StoreClient
-from micro.transport import GrpcTransport
+from micro.transport import connect
 
 POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 NATS_URL = "nats://127.0.0.1:4222"
@@ -126,7 +126,7 @@ class Platform:
 def client_of(daemon_home: str, address: str, **options: Any) -> Client:
     """A client of the daemon at ``address``, signed in as its owner (the token in its MICRO_HOME)."""
     owner = OwnerToken(Path(daemon_home) / "config" / "auth" / "owner.json")
-    return Client(GrpcTransport(address), credentials=owner, **options)
+    return Client(connect(address), credentials=owner, **options)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ from _common import (
 )
 
 from micro.client import Client
-from micro.transport import GrpcTransport
+from micro.transport import connect
 
 LIMIT = 1.5
 CALLERS = 2
@@ -243,7 +243,7 @@ class LogTail:
 def micro_side(address: str, folder: Path, logs: Path) -> tuple[Side, Client]:
     sys.path.insert(0, str(folder))
     pb = importlib.import_module("proto.helloworld_pb2")
-    client = Client(GrpcTransport(address), timeout=CALL_TIMEOUT)
+    client = Client(connect(address), timeout=CALL_TIMEOUT)
     handler = folder / "handler" / "helloworld.py"
     source = handler.read_text()
     marker = 'f"Hello {request.name}"'

@@ -1,7 +1,7 @@
 """Store through the daemon: read/write latency and throughput, as ratios to an empty call.
 
-One process, one asyncio loop, one gRPC channel (``GrpcTransport``) to a daemon this script
-started (isolated MICRO_HOME, ephemeral port, SQLite store with synchronous=FULL). Each
+One process, one asyncio loop, one connection (``connect``: micro's HTTP/2 client) to a daemon
+this script started (isolated MICRO_HOME, ephemeral port, SQLite store with synchronous=FULL). Each
 operation runs with 50 calls in flight (asyncio tasks) and, for reference, 1 in flight. The
 baseline is ``Debug.Health`` of the store block on the same daemon, measured the same way;
 the phases are interleaved over several rounds so drift on a shared machine hits all alike.
@@ -28,7 +28,7 @@ from _common import Target, emit_json, fmt_ms, median, percentile, print_table, 
 from micro.client import Client
 from micro.debug import DebugClient
 from micro.store import StoreClient
-from micro.transport import GrpcTransport
+from micro.transport import connect
 
 READ_LIMIT = 1.3
 WRITE_LIMIT = 2.0
@@ -116,7 +116,7 @@ async def measure(
 
 
 async def micro_ops(address: str) -> tuple[Client, dict[str, Op]]:
-    client = Client(GrpcTransport(address))
+    client = Client(connect(address))
     store = StoreClient(client)
     debug = DebugClient(client, service="store")
     for i in range(KEYS):  # the keys reads will find

@@ -195,9 +195,9 @@ class Service:
     def client(self) -> Client:
         """A client to call other services through the daemon, as this service's namespace."""
         if self._client is None:
-            from micro.transport import GrpcTransport
+            from micro.transport import connect
 
-            self._client = Client(GrpcTransport(_proxy_address()), namespace=self.namespace)
+            self._client = Client(connect(_proxy_address()), namespace=self.namespace)
         return self._client
 
     def store(self, table: str | None = None) -> StoreClient:

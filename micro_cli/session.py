@@ -57,7 +57,7 @@ async def connect(*, timeout: float | None = 30.0, anonymous: bool = False) -> A
     ``anonymous``) and keeps a saved login fresh while the command runs.
     """
     from micro.client import Client
-    from micro.transport import GrpcTransport
+    from micro.transport import connect
     from micro_cli.credentials import find
 
     env, namespace = target()
@@ -66,7 +66,7 @@ async def connect(*, timeout: float | None = 30.0, anonymous: bool = False) -> A
         from micro_cli.autostart import ensure_local_daemon
 
         address = ensure_local_daemon(Home.from_env()).client_address  # plaintext loopback even with TLS
-    transport = GrpcTransport(address, secure=env.tls, ca_file=env.ca_file or None)
+    transport = connect(address, secure=env.tls, ca_file=env.ca_file or None)
     credentials = None if anonymous else find(env, namespace, Home.from_env()).credentials
     client = Client(transport, namespace=namespace, timeout=timeout, credentials=credentials)
     refresher = _keep_fresh(client)

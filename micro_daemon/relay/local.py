@@ -23,11 +23,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from micro._dispatch import LocalStream, LocalUnary
+from micro._hpack import encode
+from micro._http2 import NO_ERROR, Stream, flush
 from micro.errors import BadRequest, MicroError, PayloadTooLarge
 from micro.errors import NotImplemented as Unimplemented
 from micro_daemon.relay.eager import Resumed
-from micro_daemon.relay.h2 import NO_ERROR, Stream, flush
-from micro_daemon.relay.hpack import encode
 from micro_daemon.relay.relay import ERROR_ID, Call, Relay, error_block
 
 __all__ = ["Serve", "grpc_timeout"]

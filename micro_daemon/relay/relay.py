@@ -29,9 +29,9 @@ from typing import Protocol
 from urllib.parse import quote
 
 from micro._grpc_errors import ERROR_METADATA_KEY, grpc_status_for
+from micro._hpack import encode
+from micro._http2 import CANCEL, NO_ERROR, REFUSED_STREAM, Connection, ProtocolError, Stream, flush
 from micro.errors import InternalServerError, MicroError, ServiceUnavailable
-from micro_daemon.relay.h2 import CANCEL, NO_ERROR, REFUSED_STREAM, Connection, ProtocolError, Stream, flush
-from micro_daemon.relay.hpack import encode
 
 __all__ = ["Call", "Destination", "Handover", "Relay", "Route", "Router", "error_block"]
 

@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Awaitable, Mapping
 
 from micro._dispatch import Dispatcher
+from micro._hpack import encode
 from micro._metadata import (
     AUTHORIZATION_KEY,
     CODEC_KEY,
@@ -31,7 +32,6 @@ from micro_daemon.auth.gate import Gate, log_refusal
 from micro_daemon.proxy.directory import Directory, Target
 from micro_daemon.proxy.guard import endpoint_of
 from micro_daemon.relay.eager import eager
-from micro_daemon.relay.hpack import encode
 from micro_daemon.relay.local import Serve
 from micro_daemon.relay.relay import Destination, Route
 

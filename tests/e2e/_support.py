@@ -235,10 +235,10 @@ class PlatformDaemon:
         """A ``micro.client.Client`` of this daemon, signed in as its owner (its MICRO_HOME's token)."""
         from micro.client import Client
         from micro.credentials import OwnerToken
-        from micro.transport import GrpcTransport
+        from micro.transport import connect
 
         owner = OwnerToken(self.home / "config" / "auth" / "owner.json")
-        return Client(GrpcTransport(self.address), credentials=owner, **options)
+        return Client(connect(self.address), credentials=owner, **options)
 
     def micro(
         self, *args: str, timeout: float = 30, cwd: Path | None = None

@@ -15,8 +15,8 @@ import grpc
 import grpc.aio
 import pytest
 
+from micro._hpack import encode
 from micro.errors import NotFound
-from micro_daemon.relay.hpack import encode
 from micro_daemon.relay.relay import Destination, Relay
 
 from .rawh2 import FakeNode

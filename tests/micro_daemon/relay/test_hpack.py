@@ -11,7 +11,7 @@ from hpack.hpack import decode_integer
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from micro_daemon.relay.hpack import STATIC, Decoder, HPACKError, encode
+from micro._hpack import STATIC, Decoder, HPACKError, encode
 
 Field = tuple[bytes, bytes]
 

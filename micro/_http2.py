@@ -1,6 +1,7 @@
-"""HTTP/2 (RFC 9113) connections for the relay: frames in, frames out, flow control, nothing of gRPC.
+"""HTTP/2 (RFC 9113) connections: frames in, frames out, flow control, nothing of gRPC.
 
-A ``Connection`` parses what its peer sends, answers SETTINGS and PING
+Shared by the daemon's relay (``micro_daemon.relay``) and micro's client transport
+(``micro.http2_transport``). A ``Connection`` parses what its peer sends, answers SETTINGS and PING
 itself, and hands streams' HEADERS, DATA and RST_STREAM to its subclass. The
 relay joins two streams (one per connection) into a pair: what one receives
 the other sends. Sending respects the peer's windows; what does not fit waits
@@ -20,7 +21,7 @@ import struct
 from collections import deque
 from typing import Any
 
-from micro_daemon.relay.hpack import Decoder, HPACKError
+from micro._hpack import Decoder, HPACKError
 
 __all__ = [
     "CANCEL",
@@ -35,7 +36,7 @@ __all__ = [
     "flush",
 ]
 
-log = logging.getLogger("micro.relay")
+log = logging.getLogger("micro.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -145,6 +146,7 @@ class Connection(asyncio.Protocol):
         self.blocked: dict[Stream, None] = {}  # streams with queued output, in order
         self.closed = False
         self.goaway: int | None = None  # the last stream id of a GOAWAY the peer sent
+        self.heard = False  # a whole frame arrived: the peer speaks HTTP/2
         self._buffer = b""
         self._preface = self.client  # whether the preface is behind us: a server waits for the client's
         self._received = 0  # connection-level bytes received not yet given back
@@ -310,7 +312,14 @@ class Connection(asyncio.Protocol):
             return False
         stream.window -= size
         self.window -= size
-        self.write(frame(DATA, END_STREAM if end else 0, stream.id, payload))
+        limit = self.peer_max_frame
+        if size <= limit:
+            self.write(frame(DATA, END_STREAM if end else 0, stream.id, payload))
+        else:  # a message of ours, not a forwarded frame: in frames the peer accepts
+            for offset in range(0, size, limit):
+                last = offset + limit >= size
+                chunk = payload[offset : offset + limit]
+                self.write(frame(DATA, END_STREAM if end and last else 0, stream.id, chunk))
         source = stream.peer
         if source is not None and size:
             source.conn.give_back(source, size)
@@ -368,6 +377,7 @@ class Connection(asyncio.Protocol):
         self._buffer = buffer[offset:] if offset < end else b""
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        self.heard = True
         if self._continuing is not None and kind != CONTINUATION:
             raise ProtocolError("a header block was interrupted by another frame")
         if kind == DATA:

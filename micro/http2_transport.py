@@ -1,0 +1,524 @@
+"""``Http2Transport``: gRPC calls over one plaintext HTTP/2 connection, in asyncio, without grpcio.
+
+A call through grpcio's asyncio client costs 200-300 µs of CPU; most of it is
+the hand-offs between grpc's C core, its polling thread and the event loop.
+This transport speaks the same protocol (gRPC over HTTP/2, as the daemon's
+relay does) from the event loop itself: a unary call is one write of HEADERS
+and DATA and one read of the answer. It carries every call shape, deadlines
+(``grpc-timeout`` plus a local timer), cancellation (RST_STREAM) and flow
+control both ways. TLS callers use ``GrpcTransport``.
+
+The connection opens on first use and again after it is lost; a call that
+the server never started (a GOAWAY that excludes it, REFUSED_STREAM) is sent
+again on a new connection, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+from urllib.parse import unquote
+
+from micro._hpack import encode
+from micro._http2 import CANCEL, REFUSED_STREAM, Connection, Stream, flush
+from micro.errors import ConnectError, MicroError, ServiceUnavailable, TLSError, error_for_code
+from micro.transport import Metadata, Transport
+
+__all__ = ["Http2Transport"]
+
+MAX_RECEIVE = 64 * 1024 * 1024  # as GrpcTransport's channel accepts
+UNREAD_LIMIT = 1024 * 1024  # response bytes a caller may leave unread before the server waits
+ERROR_KEY = b"micro-error"
+
+# gRPC status code -> the HTTP code of the micro error a caller receives (as micro._grpc_errors).
+_STATUS_TO_HTTP = {
+    1: 499,
+    2: 500,
+    3: 400,
+    4: 408,
+    5: 404,
+    6: 409,
+    7: 403,
+    8: 429,
+    9: 400,
+    10: 409,
+    11: 400,
+    12: 501,
+    13: 500,
+    14: 503,
+    15: 500,
+    16: 401,
+}
+_STATUS_NAMES = {
+    1: "cancelled",
+    2: "unknown",
+    3: "invalid_argument",
+    4: "deadline_exceeded",
+    5: "not_found",
+    6: "already_exists",
+    7: "permission_denied",
+    8: "resource_exhausted",
+    9: "failed_precondition",
+    10: "aborted",
+    11: "out_of_range",
+    12: "unimplemented",
+    13: "internal",
+    14: "unavailable",
+    15: "data_loss",
+    16: "unauthenticated",
+}
+_PREFIX = struct.Struct(">BI")
+
+
+class _Refused(Exception):
+    """The server did not start the call: it may be sent again."""
+
+
+class _Call:
+    """One call's stream: response messages as they arrive, then its status."""
+
+    __slots__ = (
+        "buffer",
+        "error",
+        "finished",
+        "headers_seen",
+        "messages",
+        "owed",
+        "started",
+        "stream",
+        "unread",
+        "waiter",
+    )
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.messages: deque[bytes] = deque()
+        self.unread = 0  # bytes of the messages not read yet
+        self.owed = 0  # bytes received and not given back yet, because too many are unread
+        self.buffer = b""
+        self.headers_seen = False
+        self.started = False  # the server answered something: not to be sent again
+        self.finished = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def on_headers(self, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        self.started = True
+        if not self.headers_seen:
+            self.headers_seen = True
+            status = dict(fields).get(b":status", b"200")
+            if status != b"200":
+                self._end(ServiceUnavailable(f"the server answered HTTP {status.decode()} to a gRPC call"))
+                return
+            if not end:
+                return
+        self._end(_status_error(fields))
+
+    def on_data(self, payload: bytes, end: bool) -> None:
+        self.started = True
+        data = self.buffer + payload if self.buffer else payload
+        offset = 0
+        while len(data) - offset >= 5:
+            compressed, length = _PREFIX.unpack_from(data, offset)
+            if length > MAX_RECEIVE:
+                self._end(error_for_code(413, f"a response message exceeds {MAX_RECEIVE} bytes"))
+                return
+            if len(data) - offset - 5 < length:
+                break
+            if compressed:
+                self._end(error_for_code(501, "the server sent a compressed message"))
+                return
+            self.messages.append(data[offset + 5 : offset + 5 + length])
+            self.unread += 5 + length
+            offset += 5 + length
+        self.buffer = data[offset:]
+        # Credit what arrived unless the caller is behind: a message larger than the window must
+        # be able to arrive whole, and unread messages must stop the server.
+        stream = self.stream
+        if self.unread < UNREAD_LIMIT:
+            stream.conn.give_back(stream, len(payload) + self.owed)
+            self.owed = 0
+        else:
+            self.owed += len(payload)
+        if end:
+            self._end(ServiceUnavailable("the server ended the call without a status"))
+        else:
+            self._wake()
+
+    def on_reset(self, code: int) -> None:
+        if code == REFUSED_STREAM and not self.started:
+            self._end(_Refused())
+        elif code == CANCEL:
+            self._end(error_for_code(499, "the server cancelled the call"))
+        else:
+            self._end(ServiceUnavailable(f"the server reset the call (HTTP/2 error {code})"))
+
+    def lost_to(self, error: BaseException) -> None:
+        """End the call with ``error`` unless it ended already."""
+        self._end(error)
+
+    def lost(self, reason: str) -> None:
+        self._end(_Refused() if not self.started and reason == "refused" else ServiceUnavailable(reason))
+
+    def _end(self, error: BaseException | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def next_message(self) -> bytes | None:
+        """The next response message; ``None`` once the call ended well; raises its error."""
+        while True:
+            if self.messages:
+                message = self.messages.popleft()
+                self.unread -= len(message) + 5
+                if self.owed and self.unread < UNREAD_LIMIT:
+                    stream = self.stream
+                    stream.conn.give_back(stream, self.owed)
+                    self.owed = 0
+                    flush()
+                return message
+            if self.finished:
+                if self.error is not None:
+                    raise self.error
+                return None
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+
+
+class _Connection(Connection):
+    client = True
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+        self.next_stream = 1
+        self.usable = True
+
+    def start(self, headers: bytes, end: bool) -> _Call:
+        stream = Stream(self)
+        call = _Call(stream)
+        stream.owner = call
+        self.send_headers(stream, headers, end)
+        self.open(stream, self.next_stream)
+        self.next_stream += 2
+        if self.next_stream > 0x7FFFFFFF:
+            self.usable = False
+        return call
+
+    def on_headers(self, stream_id: int, stream: Stream | None, block: bytes, end: bool) -> None:
+        fields, _ = self.decoder.decode(block)  # decoded even if unwanted: it keeps the table in step
+        if stream is not None and stream.owner is not None:
+            stream.owner.on_headers(fields, end)
+
+    def on_data(self, stream: Stream, payload: bytes, end: bool) -> None:
+        if stream.owner is not None:
+            stream.owner.on_data(payload, end)
+
+    def on_reset(self, stream: Stream, code: int) -> None:
+        if stream.owner is not None:
+            stream.owner.on_reset(code)
+
+    def on_goaway(self, last_stream: int) -> None:
+        self.usable = False
+        for stream_id in [i for i in self.streams if i > last_stream]:
+            stream = self.streams[stream_id]
+            if stream.owner is not None:
+                stream.owner.lost("refused")
+            self.forget(stream)
+
+    def on_closed(self) -> None:
+        self.usable = False
+        for stream in list(self.streams.values()):
+            if stream.owner is not None:
+                stream.owner.lost_to(self._lost())
+
+    def _lost(self) -> MicroError:
+        if not self.heard:
+            # A TLS server drops a plaintext client's first bytes without a word.
+            return TLSError(
+                f"{self.address} closed the connection before answering: if it serves TLS, connect "
+                "with TLS (micro env add NAME ADDRESS --tls)",
+                address=self.address,
+            )
+        return ServiceUnavailable("the connection to the server was lost during the call")
+
+
+class Http2Transport(Transport):
+    """gRPC over one plaintext HTTP/2 connection to ``address`` (``host:port``), opened on first use."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        host, _, port = address.rpartition(":")
+        self._host = host.strip("[]")
+        self._port = port
+        self._authority = address.encode()
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- the four shapes ---------------------------------------------------------------------------
+
+    async def unary(self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None) -> bytes:
+        async with _deadline(timeout):
+            for attempt in (1, 2):
+                conn = await self._connection()
+                call = conn.start(self._headers(path, metadata, timeout), False)
+                conn.send_data(call.stream, _PREFIX.pack(0, len(request)) + request, True)
+                flush()
+                try:
+                    response = await _single(call)
+                except _Refused:
+                    if attempt == 2:
+                        raise ServiceUnavailable("the server refused the call twice") from None
+                    continue
+                except BaseException:
+                    _cancel(call)
+                    raise
+                return response
+        raise AssertionError("unreachable")  # the second attempt returns or raises
+
+    async def server_stream(
+        self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[bytes]:
+        when = _when(timeout)
+        async with _deadline(None, at=when):
+            conn = await self._connection()
+        call = conn.start(self._headers(path, metadata, timeout), False)
+        conn.send_data(call.stream, _PREFIX.pack(0, len(request)) + request, True)
+        flush()
+        try:
+            while (message := await _next(call, when)) is not None:
+                yield message
+        finally:
+            _cancel(call)
+
+    async def client_stream(
+        self, path: str, requests: Any, *, metadata: Metadata, timeout: float | None
+    ) -> bytes:
+        async with _deadline(timeout):
+            conn = await self._connection()
+            call = conn.start(self._headers(path, metadata, timeout), False)
+            writer = asyncio.create_task(_write_all(call, _aiter(requests)))
+            try:
+                response = await _single(call)
+            except BaseException:
+                _cancel(call)
+                failed = _writer_error(writer)
+                if failed is not None:
+                    raise failed from None
+                raise
+            finally:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            return response
+
+    async def bidi_stream(
+        self, path: str, requests: AsyncIterable[bytes], *, metadata: Metadata, timeout: float | None
+    ) -> AsyncIterator[bytes]:
+        when = _when(timeout)
+        async with _deadline(None, at=when):
+            conn = await self._connection()
+        call = conn.start(self._headers(path, metadata, timeout), False)
+        flush()
+        writer = asyncio.create_task(_write_all(call, requests))
+        try:
+            while (message := await _next(call, when)) is not None:
+                yield message
+        except (Exception, asyncio.CancelledError):
+            # A request that failed to come (a malformed line, say) cancelled the call: raise
+            # that reason, not the cancellation it caused.
+            failed = _writer_error(writer)
+            if failed is not None:
+                raise failed from None
+            raise
+        finally:
+            _cancel(call)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        failed = _writer_error(writer)
+        if failed is not None:
+            raise failed
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+
+    # -- the connection ----------------------------------------------------------------------------
+
+    def _headers(self, path: str, metadata: Metadata, timeout: float | None) -> bytes:
+        fields = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path.encode()),
+            (b":authority", self._authority),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]
+        if timeout is not None:
+            fields.append((b"grpc-timeout", _grpc_timeout(timeout)))
+        fields.extend((key.lower().encode(), value.encode()) for key, value in metadata)
+        return encode(fields)
+
+    async def _connection(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is not None and conn.usable and not conn.closed and self._loop is loop:
+            return conn
+        if self._connecting is None or self._loop is not loop:
+            self._loop = loop
+            # A task of its own: a caller cancelled meanwhile abandons its wait, not the connecting.
+            self._connecting = loop.create_task(self._connect())
+            self._connecting.add_done_callback(_retrieved)  # its waiters may all be gone
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> _Connection:
+        try:
+            _, protocol = await asyncio.get_running_loop().create_connection(
+                lambda: _Connection(self.address), self._host, int(self._port)
+            )
+        except (OSError, ValueError) as exc:
+            raise ConnectError(f"failed to connect to {self.address}", address=self.address) from exc
+        finally:
+            self._connecting = None
+        assert isinstance(protocol, _Connection)
+        self._conn = protocol
+        return protocol
+
+
+def _retrieved(task: asyncio.Task[_Connection]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _single(call: _Call) -> bytes:
+    response = await call.next_message()
+    if response is None:
+        raise error_for_code(500, "the server sent no response message")
+    if await call.next_message() is not None:
+        raise error_for_code(500, "the server sent more than one response message")
+    return response
+
+
+async def _next(call: _Call, when: float | None) -> bytes | None:
+    # The deadline times each wait, not the stream's whole body: a timer running across a yield
+    # would cancel the consumer's own code instead.
+    try:
+        async with _deadline(None, at=when):
+            return await call.next_message()
+    except _Refused:
+        raise ServiceUnavailable("the server refused the call") from None
+
+
+def _when(timeout: float | None) -> float | None:
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+async def _write_all(call: _Call, requests: AsyncIterable[bytes]) -> Exception | None:
+    """Send ``requests`` on ``call``'s stream as the window allows; if producing one fails, reset
+    the call and return why."""
+    stream = call.stream
+    conn = stream.conn
+    try:
+        async for request in requests:
+            if call.finished:
+                return None
+            conn.send_data(stream, _PREFIX.pack(0, len(request)) + request, False)
+            flush()
+            if stream.queue:  # the server's window is full: wait until it reads
+                stream.waiter = asyncio.get_running_loop().create_future()
+                await stream.waiter
+        if not call.finished:
+            conn.send_data(stream, b"", True)
+            flush()
+    except Exception as exc:
+        _cancel(call)
+        return exc
+    return None
+
+
+def _writer_error(writer: asyncio.Task[Exception | None]) -> Exception | None:
+    return writer.result() if writer.done() and not writer.cancelled() else None
+
+
+async def _aiter(requests: Any) -> AsyncIterator[bytes]:
+    if hasattr(requests, "__aiter__"):
+        async for request in requests:
+            yield request
+    else:
+        for request in requests:
+            yield request
+
+
+def _cancel(call: _Call) -> None:
+    """End ``call`` here (waking whoever waits on it) and tell the server to stop it if it has
+    not ended both ways (RST_STREAM CANCEL)."""
+    call.lost_to(error_for_code(499, "the call was cancelled"))
+    stream = call.stream
+    conn = stream.conn
+    if not conn.closed and conn.streams.get(stream.id) is stream:
+        conn.reset(stream, CANCEL)
+        flush()
+
+
+class _deadline:
+    """``asyncio.timeout`` that raises micro's ``Timeout`` (408) instead of ``TimeoutError``."""
+
+    def __init__(self, timeout: float | None, *, at: float | None = None) -> None:
+        self._timeout = asyncio.timeout(timeout) if at is None else asyncio.timeout_at(at)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        try:
+            await self._timeout.__aexit__(kind, exc, tb)
+        except TimeoutError:
+            raise error_for_code(408, "request timed out") from None
+
+
+def _status_error(fields: list[tuple[bytes, bytes]]) -> MicroError | None:
+    """The error a call's trailers carry, ``None`` for OK (as ``micro._grpc_errors.error_from_rpc``)."""
+    trailers = dict(fields)
+    status = trailers.get(b"grpc-status")
+    if status is None:
+        return ServiceUnavailable("the server ended the call without a gRPC status")
+    code = int(status) if status.isdigit() else 2
+    if code == 0:
+        return None
+    payload = trailers.get(ERROR_KEY)
+    if payload:
+        try:
+            return MicroError.from_dict(json.loads(payload))
+        except (ValueError, TypeError):
+            pass  # a malformed trailer falls back to the status below
+    details = unquote(trailers.get(b"grpc-message", b"").decode("utf-8", "replace"))
+    if code == 8 and "larger than max" in details:
+        return error_for_code(413, f"the message is larger than the receiver accepts ({details})")
+    if code == 4:
+        return error_for_code(408, "request timed out")
+    return error_for_code(_STATUS_TO_HTTP.get(code, 500), details or _STATUS_NAMES.get(code, "unknown"))
+
+
+def _grpc_timeout(seconds: float) -> bytes:
+    """``grpc-timeout``: at most 8 digits and a unit (milliseconds, or seconds when that is too long)."""
+    micros = max(int(seconds * 1_000_000), 1)
+    if micros < 100_000_000:
+        return b"%du" % micros
+    millis = micros // 1000
+    if millis < 100_000_000:
+        return b"%dm" % millis
+    return b"%dS" % min(micros // 1_000_000, 99_999_999)
