@@ -12,8 +12,9 @@ and prefix of their own, dropped at the end. Baselines, measured in the same run
 * scale-out: the aggregate store throughput of client processes all on one daemon against the
   same clients split over two daemons sharing the platform.
 
-Targets: read and write throughput (50 in flight) >= 0.3x raw psycopg, added sequential p50
-<= 1 ms (one hop); single publish >= 0.3x JetStream, bulk publish and consume >= 0.5x JetStream;
+Targets (issue 7): read and write throughput (50 in flight) >= 0.6x raw psycopg; events through the
+daemon >= 0.5x nats-py (single publish, bulk publish, consume). Also: added sequential p50 <= 1 ms
+(one hop);
 two daemons >= 0.9x one (sharing costs nothing; on 2 cores there is no CPU to add).
 Named platform_profile.py, not platform.py: a script's folder comes first on sys.path, and a
 platform.py there would shadow the standard library's module for every benchmark (uuid and
@@ -65,9 +66,9 @@ WORKER_IN_FLIGHT = 25
 KEYS = 1000
 VALUE = os.urandom(50).hex().encode()  # 100 bytes, as store_throughput.py
 EVENT_ROUNDS = 3
-STORE_LIMIT = 0.3
+STORE_LIMIT = 0.6
 ADDED_P50_LIMIT_MS = 1.0
-PUBLISH_LIMIT = 0.3
+PUBLISH_LIMIT = 0.5
 BULK_LIMIT = 0.5
 CONSUME_LIMIT = 0.5
 SCALE_LIMIT = 0.9

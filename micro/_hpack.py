@@ -38,6 +38,7 @@ class HPACKError(Exception):
 
 
 _huffman: dict[bytes, bytes] = {}
+_pure: dict[bytes, list[Field]] = {}  # blocks that neither use nor change a table, decoded
 _encoded: dict[Field, bytes] = {}
 
 
@@ -53,9 +54,16 @@ class Decoder:
         self.size = 0
 
     def decode(self, block: bytes) -> tuple[list[Field], bool]:
-        """The block's fields, and whether it referred to the dynamic table (True: it cannot be forwarded)."""
-        fields: list[Field] = []
+        """The block's fields, and whether it referred to the dynamic table (True: it cannot be forwarded).
+
+        The list may be shared with other calls' (see ``_pure``): do not change it.
+        """
+        fields = _pure.get(block)
+        if fields is not None:
+            return fields, False
+        fields = []
         dynamic = False
+        touched = False  # the block changed the table: its meaning depends on the table's state
         i = 0
         end = len(block)
         try:
@@ -72,7 +80,9 @@ class Decoder:
                     value, i = _string(block, i)
                     fields.append((name, value))
                     self._add(name, value)
+                    touched = True
                 elif byte & 0x20:  # table size update
+                    touched = True
                     size, i = _integer(block, i, 5)
                     if size > self.limit:
                         raise HPACKError(f"table size update to {size} exceeds {self.limit}")
@@ -85,6 +95,12 @@ class Decoder:
                     fields.append((name, value))
         except IndexError:
             raise HPACKError("header block ends inside a field") from None
+        if not dynamic and not touched:
+            # Static references and literals only: the same bytes mean the same fields on any
+            # connection, and a caller sends the same block on every call to one method.
+            if len(_pure) >= _MAX_CACHED:
+                _pure.clear()
+            _pure[block] = fields
         return fields, dynamic
 
     def _name(self, block: bytes, i: int, index: int, dynamic: bool) -> tuple[bytes, int, bool]:

@@ -16,7 +16,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 
-from micro.client import Client
+from micro.client import Client, OpenBidi
 from micro.context import current_context
 from micro.errors import MicroError, ServiceUnavailable, Timeout, error_for_code
 from micro.proto import events_pb2
@@ -52,8 +52,16 @@ class _Stream:
         self.waiting: deque[list[asyncio.Future[events_pb2.PublishResult]]] = deque()  # one per message
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
-        answers = client.bidi(_SERVICE, _PATH, self._outgoing(), events_pb2.PublishResults)
-        self.reader = self.loop.create_task(self._read(answers))
+        # With a transport that can be written to directly, a publish goes out from its caller's
+        # task (no hop through a writer task): what a single publish waits for is the round trip.
+        self.direct: OpenBidi[events_pb2.PublishResults] | None = None
+        self.opening = hasattr(client.transport, "open_bidi")
+        self.flushing = False
+        if self.opening:
+            self.reader = self.loop.create_task(self._read_direct(client))
+        else:
+            answers = client.bidi(_SERVICE, _PATH, self._outgoing(), events_pb2.PublishResults)
+            self.reader = self.loop.create_task(self._read(answers))
 
     def send(self, request: events_pb2.PublishRequest) -> asyncio.Future[events_pb2.PublishResult]:
         if self.idle is not None:
@@ -62,14 +70,32 @@ class _Stream:
         answer = self.loop.create_future()
         self.queued.events.append(request)
         self.queued_answers.append(answer)
-        if len(self.queued_answers) == 1:
+        if self.direct is not None:
+            if not self.waiting:
+                self._flush()  # nothing in flight: out now
+            elif not self.flushing:
+                self.flushing = True  # others are in flight: those queued meanwhile go as one message
+                self.loop.call_soon(self._flush)
+        elif not self.opening and len(self.queued_answers) == 1:
             self.wakeups.put_nowait(True)
         return answer
+
+    def _flush(self) -> None:
+        self.flushing = False
+        if self.direct is None or not self.queued_answers or self.closing:
+            return
+        message, self.queued = self.queued, events_pb2.PublishBatchRequest()
+        self.waiting.append(self.queued_answers)
+        self.queued_answers = []
+        self.direct.write(message)
 
     def _close_idle(self) -> None:
         if not self.waiting and not self.queued_answers and not self.closing:
             self.closing = True
-            self.wakeups.put_nowait(False)
+            if self.direct is not None:
+                self.direct.done_writing()
+            else:
+                self.wakeups.put_nowait(False)
 
     async def _outgoing(self) -> AsyncIterator[events_pb2.PublishBatchRequest]:
         while await self.wakeups.get():
@@ -77,6 +103,22 @@ class _Stream:
             self.waiting.append(self.queued_answers)
             self.queued_answers = []
             yield message
+
+    async def _read_direct(self, client: Client) -> None:
+        try:
+            direct = await client.open_bidi(_SERVICE, _PATH, events_pb2.PublishResults)
+        except BaseException as exc:
+            self.opening = False
+            await self._read(_failing(exc))
+            return
+        assert direct is not None
+        self.direct = direct
+        self.opening = False
+        self._flush()  # what was sent while it opened
+        try:
+            await self._read(direct)
+        finally:
+            direct.cancel()
 
     async def _read(self, answers: AsyncIterator[events_pb2.PublishResults]) -> None:
         failure: BaseException
@@ -152,6 +194,11 @@ class _Publisher:
         if stream is None or stream.closing or stream.loop is not asyncio.get_running_loop():
             stream = self._stream = _Stream(self.client)
         return stream
+
+
+async def _failing(exc: BaseException) -> AsyncIterator[events_pb2.PublishResults]:
+    raise exc
+    yield  # an async generator that raises at once
 
 
 def _timeout(client: Client) -> float | None:

@@ -28,7 +28,7 @@ from micro._http2 import CANCEL, REFUSED_STREAM, Connection, Stream, flush
 from micro.errors import ConnectError, MicroError, ServiceUnavailable, TLSError, error_for_code
 from micro.transport import Metadata, Transport
 
-__all__ = ["Http2Transport"]
+__all__ = ["Http2Bidi", "Http2Transport"]
 
 MAX_RECEIVE = 64 * 1024 * 1024  # as GrpcTransport's channel accepts
 UNREAD_LIMIT = 1024 * 1024  # response bytes a caller may leave unread before the server waits
@@ -325,6 +325,13 @@ class Http2Transport(Transport):
                 await asyncio.gather(writer, return_exceptions=True)
             return response
 
+    async def open_bidi(self, path: str, *, metadata: Metadata, timeout: float | None) -> Http2Bidi:
+        """Open a bidirectional call to write to directly (no task between the writer and the wire)."""
+        conn = await self._connection()
+        call = conn.start(self._headers(path, metadata, timeout), False)
+        flush()
+        return Http2Bidi(call)
+
     async def bidi_stream(
         self, path: str, requests: AsyncIterable[bytes], *, metadata: Metadata, timeout: float | None
     ) -> AsyncIterator[bytes]:
@@ -404,6 +411,43 @@ def _retrieved(task: asyncio.Task[_Connection]) -> None:
         task.exception()
 
 
+class Http2Bidi:
+    """An open bidirectional call: ``write`` sends a message now, iterating yields the answers.
+
+    What the server's window does not take yet waits in the connection, in order.
+    Iteration raises the call's error (``MicroError``); ``cancel`` ends it.
+    """
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    def write(self, message: bytes) -> None:
+        call = self._call
+        if call.finished:
+            return  # ended: the reader gets the reason
+        stream = call.stream
+        stream.conn.send_data(stream, _PREFIX.pack(0, len(message)) + message, False)
+        flush()
+
+    def done_writing(self) -> None:
+        call = self._call
+        if not call.finished and not call.stream.ended_out:
+            call.stream.conn.send_data(call.stream, b"", True)
+            flush()
+
+    def cancel(self) -> None:
+        _cancel(self._call)
+
+    def __aiter__(self) -> Http2Bidi:
+        return self
+
+    async def __anext__(self) -> bytes:
+        message = await _next(self._call, None)
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+
 async def _single(call: _Call) -> bytes:
     response = await call.next_message()
     if response is None:
@@ -417,6 +461,8 @@ async def _next(call: _Call, when: float | None) -> bytes | None:
     # The deadline times each wait, not the stream's whole body: a timer running across a yield
     # would cancel the consumer's own code instead.
     try:
+        if when is None:
+            return await call.next_message()
         async with _deadline(None, at=when):
             return await call.next_message()
     except _Refused:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ __all__ = ["Serve", "grpc_timeout"]
 
 MAX_REQUEST = 16 * 1024 * 1024  # as the daemon's gRPC server allows
 REFUSAL_DELAY = 0.1  # seconds a refusal waits for the caller's first request message (see _run)
+EAGER_TASKS = sys.version_info >= (3, 12)  # asyncio.Task(..., eager_start=True)
 INBOX_LIMIT = 1024 * 1024  # request bytes a streaming method may leave unread before its caller waits
 
 _RESPONSE_HEADERS = encode([(b":status", b"200"), (b"content-type", b"application/grpc")])
@@ -119,6 +121,14 @@ class Served:
         deadline = None if self.deadline is None else time.monotonic() + self.deadline
         coro = self.method(data[5:], metadata, self.peer, deadline)
         context = contextvars.copy_context()  # the handler's Context is set in it, not in ours
+        loop = asyncio.get_running_loop()
+        if EAGER_TASKS:
+            # A task whose first step runs now: a method that never waits is answered in this
+            # callback, and one that does runs as a task from its start (asyncio.timeout works).
+            self.task = asyncio.Task(self._finish(coro), loop=loop, context=context, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+            return
+        # Python 3.11 has no eager tasks: the first step runs here, outside any task (so a method
+        # must not use asyncio.timeout before it first waits; the blocks' methods do not).
         try:
             waiting_on = context.run(coro.send, None)
         except StopIteration as done:
@@ -126,7 +136,6 @@ class Served:
         except MicroError as error:
             self._answer_error(error)
         else:
-            loop = asyncio.get_running_loop()
             self.task = loop.create_task(self._finish(Resumed(coro, waiting_on)), context=context)
 
     async def _finish(self, rest: Any) -> None:
@@ -171,7 +180,18 @@ class ServedStream:
     the method waits, so a caller that reads slowly slows the method.
     """
 
-    __slots__ = ("buffer", "deferred", "ended", "inbox", "owed", "stream", "task", "unread", "waiter")
+    __slots__ = (
+        "buffer",
+        "deferred",
+        "ended",
+        "headers_sent",
+        "inbox",
+        "owed",
+        "stream",
+        "task",
+        "unread",
+        "waiter",
+    )
 
     def __init__(self, stream: Stream, method: LocalStream, headers: dict[bytes, bytes], peer: str) -> None:
         self.stream = stream
@@ -180,6 +200,7 @@ class ServedStream:
         self.unread = 0  # bytes of the messages in the inbox
         self.owed = 0  # bytes received and not given back yet, because the inbox is full
         self.ended = False
+        self.headers_sent = False  # the response headers went out: an error goes as trailers
         self.waiter: asyncio.Future[None] | None = None
         self.deferred: tuple[MicroError, asyncio.TimerHandle] | None = None
         timeout = headers.get(b"grpc-timeout")
@@ -256,7 +277,7 @@ class ServedStream:
 
     def _fail(self, error: MicroError) -> None:
         self.task.cancel()
-        self._send_error(error, headers_sent=False)
+        self._send_error(error, headers_sent=self.headers_sent)
 
     async def _run(self, responses: AsyncIterator[bytes]) -> None:
         stream = self.stream
@@ -268,7 +289,7 @@ class ServedStream:
                     return
                 if not headers_sent:
                     conn.send_headers(stream, _RESPONSE_HEADERS, False)
-                    headers_sent = True
+                    headers_sent = self.headers_sent = True
                 conn.send_data(stream, _PREFIX.pack(0, len(response)) + response, False)
                 flush()
                 if stream.queue:  # the caller's window is full: wait until it reads
