@@ -21,11 +21,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from _common import Target, emit_json, fmt_ms, median, percentile, print_table, print_targets, start_daemon
 
 from micro.client import Client
+from micro.credentials import OwnerToken
 from micro.debug import DebugClient
 from micro.store import StoreClient
 from micro.transport import connect
@@ -115,8 +117,9 @@ async def measure(
     return results
 
 
-async def micro_ops(address: str) -> tuple[Client, dict[str, Op]]:
-    client = Client(connect(address))
+async def micro_ops(address: str, home: str) -> tuple[Client, dict[str, Op]]:
+    # The daemon's owner (its MICRO_HOME is not this process's): the store wants an account.
+    client = Client(connect(address), credentials=OwnerToken(Path(home) / "config" / "auth" / "owner.json"))
     store = StoreClient(client)
     debug = DebugClient(client, service="store")
     for i in range(KEYS):  # the keys reads will find
@@ -181,8 +184,10 @@ async def redis_cleanup(r: Any) -> None:
         await r.aclose()
 
 
-async def run(address: str, server_pid: int, calls: int, rounds: int, seq_calls: int) -> dict[str, Result]:
-    client, ops = await micro_ops(address)
+async def run(
+    address: str, home: str, server_pid: int, calls: int, rounds: int, seq_calls: int
+) -> dict[str, Result]:
+    client, ops = await micro_ops(address, home)
     redis = await redis_ops()
     try:
         if redis is not None:
@@ -297,7 +302,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (10)")
     args = parser.parse_args()
     with start_daemon() as daemon:
-        results = asyncio.run(run(daemon.address, daemon.pid, args.calls, args.rounds, args.seq_calls))
+        results = asyncio.run(
+            run(daemon.address, daemon.home, daemon.pid, args.calls, args.rounds, args.seq_calls)
+        )
         if daemon.process.poll() is not None:
             raise RuntimeError(f"micro server died during the run:\n{daemon.log_tail()}")
     figures, targets = report(results, args.calls, args.rounds)
