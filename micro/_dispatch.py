@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -217,6 +218,19 @@ class _Call:
         if error.code in (401, 403):  # refused access is worth an operator's eye; the token is not logged
             log.warning("refused %s %s from %s: %s", self.service, self.method.endpoint, peer, error.detail)
 
+    @contextmanager
+    def errors_counted(self, peer: str) -> Iterator[None]:
+        """Count (and log) what the block raises; anything not a ``MicroError`` becomes a logged 500."""
+        try:
+            yield
+        except MicroError as error:
+            self.failed(error, peer)
+            raise
+        except Exception as exc:
+            unexpected = self.unexpected(exc)
+            self.failed(unexpected, peer)
+            raise unexpected from None
+
     def unexpected(self, exc: Exception) -> MicroError:
         log.exception("unexpected error in %s %s", self.service, self.method.endpoint)
         return InternalServerError(f"{self.method.endpoint} failed: {type(exc).__name__}: {exc}")
@@ -274,17 +288,11 @@ class LocalUnary:
         self, data: bytes, metadata: Iterable[tuple[str, str]], peer: str, deadline: float | None
     ) -> bytes:
         call = self._call
-        try:
+        with call.errors_counted(peer):
             context = await call.enter(metadata, peer, deadline)
             _current.set(context)
             return call.encode(await call.method.func(call.decode(data), context))
-        except MicroError as error:
-            call.failed(error, peer)
-            raise
-        except Exception as exc:
-            unexpected = call.unexpected(exc)
-            call.failed(unexpected, peer)
-            raise unexpected from None
+        raise AssertionError("unreachable")  # errors_counted re-raises
 
 
 class LocalStream:
@@ -307,7 +315,7 @@ class LocalStream:
     ) -> AsyncIterator[bytes]:
         call = self._call
         method = call.method
-        try:
+        with call.errors_counted(peer):
             context = await call.enter(metadata, peer, deadline)
             _current.set(context)
             if not method.client_streaming:
@@ -321,13 +329,6 @@ class LocalStream:
             else:
                 async for response in method.func(call._decoded(requests), context):
                     yield call.encode(response)
-        except MicroError as error:
-            call.failed(error, peer)
-            raise
-        except Exception as exc:
-            unexpected = call.unexpected(exc)
-            call.failed(unexpected, peer)
-            raise unexpected from None
 
 
 def peer_host(peer: str) -> str:

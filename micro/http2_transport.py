@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 from urllib.parse import unquote
 
+from micro._grpc_messages import Inbox, MessageError, frame_message
 from micro._hpack import encode
 from micro._http2 import CANCEL, REFUSED_STREAM, Connection, Stream, flush
 from micro.errors import ConnectError, MicroError, ServiceUnavailable, TLSError, error_for_code
@@ -71,7 +70,6 @@ _STATUS_NAMES = {
     15: "data_loss",
     16: "unauthenticated",
 }
-_PREFIX = struct.Struct(">BI")
 
 
 class _Refused(Exception):
@@ -81,25 +79,11 @@ class _Refused(Exception):
 class _Call:
     """One call's stream: response messages as they arrive, then its status."""
 
-    __slots__ = (
-        "buffer",
-        "error",
-        "finished",
-        "headers_seen",
-        "messages",
-        "owed",
-        "started",
-        "stream",
-        "unread",
-        "waiter",
-    )
+    __slots__ = ("error", "finished", "headers_seen", "inbox", "started", "stream", "waiter")
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
-        self.messages: deque[bytes] = deque()
-        self.unread = 0  # bytes of the messages not read yet
-        self.owed = 0  # bytes received and not given back yet, because too many are unread
-        self.buffer = b""
+        self.inbox = Inbox(stream, limit=UNREAD_LIMIT, max_message=MAX_RECEIVE)
         self.headers_seen = False
         self.started = False  # the server answered something: not to be sent again
         self.finished = False
@@ -120,30 +104,14 @@ class _Call:
 
     def on_data(self, payload: bytes, end: bool) -> None:
         self.started = True
-        data = self.buffer + payload if self.buffer else payload
-        offset = 0
-        while len(data) - offset >= 5:
-            compressed, length = _PREFIX.unpack_from(data, offset)
-            if length > MAX_RECEIVE:
+        try:
+            self.inbox.feed(payload)
+        except MessageError as refused:
+            if refused.too_large:
                 self._end(error_for_code(413, f"a response message exceeds {MAX_RECEIVE} bytes"))
-                return
-            if len(data) - offset - 5 < length:
-                break
-            if compressed:
+            else:
                 self._end(error_for_code(501, "the server sent a compressed message"))
-                return
-            self.messages.append(data[offset + 5 : offset + 5 + length])
-            self.unread += 5 + length
-            offset += 5 + length
-        self.buffer = data[offset:]
-        # Credit what arrived unless the caller is behind: a message larger than the window must
-        # be able to arrive whole, and unread messages must stop the server.
-        stream = self.stream
-        if self.unread < UNREAD_LIMIT:
-            stream.conn.give_back(stream, len(payload) + self.owed)
-            self.owed = 0
-        else:
-            self.owed += len(payload)
+            return
         if end:
             self._end(ServiceUnavailable("the server ended the call without a status"))
         else:
@@ -181,14 +149,8 @@ class _Call:
     async def next_message(self) -> bytes | None:
         """The next response message; ``None`` once the call ended well; raises its error."""
         while True:
-            if self.messages:
-                message = self.messages.popleft()
-                self.unread -= len(message) + 5
-                if self.owed and self.unread < UNREAD_LIMIT:
-                    stream = self.stream
-                    stream.conn.give_back(stream, self.owed)
-                    self.owed = 0
-                    flush()
+            message = self.inbox.pop()
+            if message is not None:
                 return message
             if self.finished:
                 if self.error is not None:
@@ -276,7 +238,7 @@ class Http2Transport(Transport):
             for attempt in (1, 2):
                 conn = await self._connection()
                 call = conn.start(self._headers(path, metadata, timeout), False)
-                conn.send_data(call.stream, _PREFIX.pack(0, len(request)) + request, True)
+                conn.send_data(call.stream, frame_message(request), True)
                 flush()
                 try:
                     response = await _single(call)
@@ -297,7 +259,7 @@ class Http2Transport(Transport):
         async with _deadline(None, at=when):
             conn = await self._connection()
         call = conn.start(self._headers(path, metadata, timeout), False)
-        conn.send_data(call.stream, _PREFIX.pack(0, len(request)) + request, True)
+        conn.send_data(call.stream, frame_message(request), True)
         flush()
         try:
             while (message := await _next(call, when)) is not None:
@@ -426,7 +388,7 @@ class Http2Bidi:
         if call.finished:
             return  # ended: the reader gets the reason
         stream = call.stream
-        stream.conn.send_data(stream, _PREFIX.pack(0, len(message)) + message, False)
+        stream.conn.send_data(stream, frame_message(message), False)
         flush()
 
     def done_writing(self) -> None:
@@ -482,7 +444,7 @@ async def _write_all(call: _Call, requests: AsyncIterable[bytes]) -> Exception |
         async for request in requests:
             if call.finished:
                 return None
-            conn.send_data(stream, _PREFIX.pack(0, len(request)) + request, False)
+            conn.send_data(stream, frame_message(request), False)
             flush()
             if stream.queue:  # the server's window is full: wait until it reads
                 stream.waiter = asyncio.get_running_loop().create_future()

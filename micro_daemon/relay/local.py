@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import struct
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from micro._dispatch import LocalStream, LocalUnary
+from micro._grpc_messages import PREFIX, Inbox, MessageError, frame_message
 from micro._hpack import encode
 from micro._http2 import NO_ERROR, Stream, flush
 from micro.errors import BadRequest, MicroError, PayloadTooLarge
@@ -40,7 +39,6 @@ INBOX_LIMIT = 1024 * 1024  # request bytes a streaming method may leave unread b
 
 _RESPONSE_HEADERS = encode([(b":status", b"200"), (b"content-type", b"application/grpc")])
 _OK_TRAILERS = encode([(b"grpc-status", b"0")])
-_PREFIX = struct.Struct(">BI")
 _UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
 _SKIPPED = frozenset({b"te", b"content-type", b"user-agent", b"grpc-timeout", b"grpc-encoding"})
 
@@ -110,7 +108,7 @@ class Served:
         if len(data) < 5:
             self._answer_error(BadRequest("the call sent no request message", id=ERROR_ID))
             return
-        compressed, length = _PREFIX.unpack_from(data)
+        compressed, length = PREFIX.unpack_from(data)
         if compressed:
             self._answer_error(Unimplemented("compressed requests are not supported", id=ERROR_ID))
             return
@@ -157,7 +155,7 @@ class Served:
         stream.owner = None
         conn = stream.conn
         conn.send_headers(stream, _RESPONSE_HEADERS, False)
-        conn.send_data(stream, _PREFIX.pack(0, len(response)) + response, False)
+        conn.send_data(stream, frame_message(response), False)
         conn.send_headers(stream, _OK_TRAILERS, True)
 
     def _answer_error(self, error: MicroError) -> None:
@@ -180,25 +178,11 @@ class ServedStream:
     the method waits, so a caller that reads slowly slows the method.
     """
 
-    __slots__ = (
-        "buffer",
-        "deferred",
-        "ended",
-        "headers_sent",
-        "inbox",
-        "owed",
-        "stream",
-        "task",
-        "unread",
-        "waiter",
-    )
+    __slots__ = ("deferred", "ended", "headers_sent", "inbox", "stream", "task", "waiter")
 
     def __init__(self, stream: Stream, method: LocalStream, headers: dict[bytes, bytes], peer: str) -> None:
         self.stream = stream
-        self.buffer = b""
-        self.inbox: deque[bytes] = deque()
-        self.unread = 0  # bytes of the messages in the inbox
-        self.owed = 0  # bytes received and not given back yet, because the inbox is full
+        self.inbox = Inbox(stream, limit=INBOX_LIMIT, max_message=MAX_REQUEST)
         self.ended = False
         self.headers_sent = False  # the response headers went out: an error goes as trailers
         self.waiter: asyncio.Future[None] | None = None
@@ -213,33 +197,18 @@ class ServedStream:
 
     def on_data(self, stream: Stream, payload: bytes, end: bool) -> None:
         if payload:
-            data = self.buffer + payload if self.buffer else payload
-            offset = 0
-            while len(data) - offset >= 5:
-                compressed, length = _PREFIX.unpack_from(data, offset)
-                if length > MAX_REQUEST:
+            try:
+                self.inbox.feed(payload)
+            except MessageError as refused:
+                if refused.too_large:
                     self._fail(PayloadTooLarge(f"a request message exceeds {MAX_REQUEST} bytes", id=ERROR_ID))
-                    return
-                if len(data) - offset - 5 < length:
-                    break
-                if compressed:
+                else:
                     self._fail(Unimplemented("compressed requests are not supported", id=ERROR_ID))
-                    return
-                self.inbox.append(data[offset + 5 : offset + 5 + length])
-                self.unread += 5 + length
-                offset += 5 + length
-            self.buffer = data[offset:]
-            # Credit what arrived unless the method is behind: a message larger than the window
-            # must be able to arrive whole, and a full inbox must stop the caller.
-            if self.unread < INBOX_LIMIT:
-                stream.conn.give_back(stream, len(payload) + self.owed)
-                self.owed = 0
-            else:
-                self.owed += len(payload)
+                return
         if end:
             self.ended = True
         self._wake()
-        if self.deferred is not None and (self.inbox or self.ended):
+        if self.deferred is not None and (self.inbox.messages or self.ended):
             self._send_deferred()
 
     def on_reset(self, stream: Stream, code: int) -> None:
@@ -250,18 +219,12 @@ class ServedStream:
             self.deferred = None
 
     async def _requests(self) -> AsyncIterator[bytes]:
-        stream = self.stream
         while True:
-            if self.inbox:
-                message = self.inbox.popleft()
-                self.unread -= len(message) + 5
-                if self.owed and self.unread < INBOX_LIMIT:
-                    stream.conn.give_back(stream, self.owed)
-                    self.owed = 0
-                    flush()
+            message = self.inbox.pop()
+            if message is not None:
                 yield message
             elif self.ended:
-                if self.buffer:
+                if self.inbox.buffer:
                     raise BadRequest("the call ended inside a request message", id=ERROR_ID)
                 return
             else:
@@ -290,7 +253,7 @@ class ServedStream:
                 if not headers_sent:
                     conn.send_headers(stream, _RESPONSE_HEADERS, False)
                     headers_sent = self.headers_sent = True
-                conn.send_data(stream, _PREFIX.pack(0, len(response)) + response, False)
+                conn.send_data(stream, frame_message(response), False)
                 flush()
                 if stream.queue:  # the caller's window is full: wait until it reads
                     stream.waiter = asyncio.get_running_loop().create_future()
@@ -300,7 +263,12 @@ class ServedStream:
                     # (consumers of one group take turns only if each yields after a delivery).
                     await asyncio.sleep(0)
         except MicroError as error:
-            if not headers_sent and not self.inbox and not self.ended and not self.stream.conn.closed:
+            if (
+                not headers_sent
+                and not self.inbox.messages
+                and not self.ended
+                and not self.stream.conn.closed
+            ):
                 # Refused before the caller wrote anything: answer once it does (or soon). A gRPC
                 # client whose first write meets an ended call reports "Internal error from Core"
                 # instead of the status it was sent.

@@ -429,7 +429,7 @@ async def test_a_slow_consumer_holds_the_server_back(server: Server, transport: 
             await asyncio.sleep(0.2)
     assert previous * size < 6 << 20, f"the server pushed {previous * size} bytes ahead"
     (call,) = [s.owner for s in transport._conn.streams.values()]  # type: ignore[union-attr]
-    assert call.unread < 2 << 20
+    assert call.inbox.unread < 2 << 20
     rest = [message async for message in stream]
     assert rest == [payload(i, size) for i in range(1, count)]
 
