@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -12,6 +13,12 @@ import pytest
 from micro.testing.protos import compile_protos, import_compiled
 
 PROTOS = Path(__file__).resolve().parent / "protos"
+
+# Started in the background of a non-interactive shell (`cmd &`), this process inherits SIGINT
+# ignored, and so would the CLI processes the tests stop with Ctrl-C. Catch it again: a caught
+# signal is back to its default in a child, where Python turns it into KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
