@@ -173,6 +173,9 @@ class _Connection(Connection):
         stream = Stream(self)
         call = _Call(stream)
         stream.owner = call
+        if self.closed:  # lost between connecting and this call: nothing would ever answer it
+            call.lost_to(self._lost())
+            return call
         self.send_headers(stream, headers, end)
         self.open(stream, self.next_stream)
         self.next_stream += 2
