@@ -33,6 +33,7 @@ __all__ = [
     "Connection",
     "ProtocolError",
     "Stream",
+    "Wakeup",
     "flush",
 ]
 
@@ -84,19 +85,40 @@ def settings_frame(settings: dict[int, int]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in settings.items()))
 
 
+class Wakeup:
+    """One task waits (``wait``) until something it checks may have changed (``set``).
+
+    Check the state, then wait if it is not ready: a ``set`` while nobody waits is dropped.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        self._future = asyncio.get_running_loop().create_future()
+        await self._future
+
+    def set(self) -> None:
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
 class Stream:
     """One side of a relayed call on one connection; ``peer`` is the other side."""
 
     __slots__ = (
         "conn",
         "credit",
+        "drained",
         "ended_in",
         "ended_out",
         "id",
         "owner",
         "peer",
         "queue",
-        "waiter",
         "window",
     )
 
@@ -110,7 +132,7 @@ class Stream:
         self.credit = 0  # bytes received on it and forwarded, not yet given back
         self.ended_in = False  # the peer sent END_STREAM
         self.ended_out = False  # we sent END_STREAM
-        self.waiter: asyncio.Future[None] | None = None  # resolved when the queue empties or the stream ends
+        self.drained = Wakeup()  # set when the queue empties or the stream ends
 
 
 _dirty: list[Connection] = []
@@ -493,11 +515,7 @@ class Connection(asyncio.Protocol):
 
 
 def _wake(stream: Stream) -> None:
-    waiter = stream.waiter
-    if waiter is not None:
-        stream.waiter = None
-        if not waiter.done():
-            waiter.set_result(None)
+    stream.drained.set()
 
 
 def _unpad(payload: bytes) -> bytes:

@@ -23,9 +23,9 @@ from urllib.parse import unquote
 
 from micro._grpc_messages import Inbox, MessageError, frame_message
 from micro._hpack import encode
-from micro._http2 import CANCEL, REFUSED_STREAM, Connection, Stream, flush
+from micro._http2 import CANCEL, REFUSED_STREAM, Connection, Stream, Wakeup, flush
 from micro.errors import ConnectError, MicroError, ServiceUnavailable, TLSError, error_for_code
-from micro.transport import Metadata, Transport
+from micro.transport import Metadata, Transport, writer_error
 
 __all__ = ["Http2Bidi", "Http2Transport"]
 
@@ -79,7 +79,7 @@ class _Refused(Exception):
 class _Call:
     """One call's stream: response messages as they arrive, then its status."""
 
-    __slots__ = ("error", "finished", "headers_seen", "inbox", "started", "stream", "waiter")
+    __slots__ = ("arrived", "error", "finished", "headers_seen", "inbox", "started", "stream")
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -88,7 +88,7 @@ class _Call:
         self.started = False  # the server answered something: not to be sent again
         self.finished = False
         self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.arrived = Wakeup()  # set when a message, or the end, arrives
 
     def on_headers(self, fields: list[tuple[bytes, bytes]], end: bool) -> None:
         self.started = True
@@ -115,7 +115,7 @@ class _Call:
         if end:
             self._end(ServiceUnavailable("the server ended the call without a status"))
         else:
-            self._wake()
+            self.arrived.set()
 
     def on_reset(self, code: int) -> None:
         if code == REFUSED_STREAM and not self.started:
@@ -137,14 +137,7 @@ class _Call:
             return
         self.finished = True
         self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self.arrived.set()
 
     async def next_message(self) -> bytes | None:
         """The next response message; ``None`` once the call ended well; raises its error."""
@@ -156,8 +149,7 @@ class _Call:
                 if self.error is not None:
                     raise self.error
                 return None
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
+            await self.arrived.wait()
 
 
 class _Connection(Connection):
@@ -281,7 +273,7 @@ class Http2Transport(Transport):
                 response = await _single(call)
             except BaseException:
                 _cancel(call)
-                failed = _writer_error(writer)
+                failed = writer_error(writer)
                 if failed is not None:
                     raise failed from None
                 raise
@@ -312,7 +304,7 @@ class Http2Transport(Transport):
         except (Exception, asyncio.CancelledError):
             # A request that failed to come (a malformed line, say) cancelled the call: raise
             # that reason, not the cancellation it caused.
-            failed = _writer_error(writer)
+            failed = writer_error(writer)
             if failed is not None:
                 raise failed from None
             raise
@@ -320,7 +312,7 @@ class Http2Transport(Transport):
             _cancel(call)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-        failed = _writer_error(writer)
+        failed = writer_error(writer)
         if failed is not None:
             raise failed
 
@@ -450,8 +442,7 @@ async def _write_all(call: _Call, requests: AsyncIterable[bytes]) -> Exception |
             conn.send_data(stream, frame_message(request), False)
             flush()
             if stream.queue:  # the server's window is full: wait until it reads
-                stream.waiter = asyncio.get_running_loop().create_future()
-                await stream.waiter
+                await stream.drained.wait()
         if not call.finished:
             conn.send_data(stream, b"", True)
             flush()
@@ -459,10 +450,6 @@ async def _write_all(call: _Call, requests: AsyncIterable[bytes]) -> Exception |
         _cancel(call)
         return exc
     return None
-
-
-def _writer_error(writer: asyncio.Task[Exception | None]) -> Exception | None:
-    return writer.result() if writer.done() and not writer.cancelled() else None
 
 
 async def _aiter(requests: Any) -> AsyncIterator[bytes]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from micro._grpc_errors import map_grpc_exceptions
 from micro.errors import SetupError
 
 if TYPE_CHECKING:
@@ -82,6 +82,12 @@ class GrpcTransport(Transport):
             return ""
         return f"the CA file {self.ca_file}" if self.ca_file else "this machine's trusted CAs"
 
+    def _errors(self) -> AbstractContextManager[None]:
+        # Imported here: micro._grpc_errors imports grpc, which plaintext callers never need.
+        from micro._grpc_errors import map_grpc_exceptions
+
+        return map_grpc_exceptions(address=self.address, trust=self._trust)
+
     def _open(self) -> grpc.aio.Channel:
         if self._channel is None:
             import grpc.aio
@@ -102,7 +108,7 @@ class GrpcTransport(Transport):
 
     async def unary(self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None) -> bytes:
         call = self._open().unary_unary(path)
-        with map_grpc_exceptions(address=self.address, trust=self._trust):
+        with self._errors():
             response: bytes = await call(request, metadata=tuple(metadata), timeout=timeout)
         return response
 
@@ -111,7 +117,7 @@ class GrpcTransport(Transport):
     ) -> AsyncIterator[bytes]:
         call = self._open().unary_stream(path)(request, metadata=tuple(metadata), timeout=timeout)
         try:
-            with map_grpc_exceptions(address=self.address, trust=self._trust):
+            with self._errors():
                 async for response in call:
                     yield response
         finally:
@@ -121,7 +127,7 @@ class GrpcTransport(Transport):
         self, path: str, requests: Sequence[bytes], *, metadata: Metadata, timeout: float | None
     ) -> bytes:
         call = self._open().stream_unary(path)
-        with map_grpc_exceptions(address=self.address, trust=self._trust):
+        with self._errors():
             response: bytes = await call(iter(requests), metadata=tuple(metadata), timeout=timeout)
         return response
 
@@ -133,13 +139,13 @@ class GrpcTransport(Transport):
         call = self._open().stream_stream(path)(metadata=tuple(metadata), timeout=timeout)
         writer = asyncio.create_task(_write_all(call, requests))
         try:
-            with map_grpc_exceptions(address=self.address, trust=self._trust):
+            with self._errors():
                 async for response in call:
                     yield response
         except (Exception, asyncio.CancelledError):
             # A request that failed to come (say, a malformed line) cancelled the call: raise
             # that reason, not the cancellation it caused.
-            failed = writer.result() if writer.done() and not writer.cancelled() else None
+            failed = writer_error(writer)
             if failed is not None:
                 raise failed from None
             raise
@@ -147,7 +153,7 @@ class GrpcTransport(Transport):
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             call.cancel()
-        failed = writer.result() if writer.done() and not writer.cancelled() else None
+        failed = writer_error(writer)
         if failed is not None:
             raise failed
 
@@ -207,6 +213,12 @@ def _read_ca_file(path: str) -> bytes:
             id="micro.transport",
         )
     return data
+
+
+def writer_error(writer: Any) -> Exception | None:
+    """Why a task writing a call's requests gave up (it returns the error), if it did."""
+    error: Exception | None = writer.result() if writer.done() and not writer.cancelled() else None
+    return error
 
 
 async def _write_all(call: Any, requests: AsyncIterable[bytes]) -> Exception | None:

@@ -19,6 +19,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 
+from micro.context import DEFAULT_NAMESPACE
 from micro.errors import MicroError, NotFound
 from micro.errors import NotImplemented as Unimplemented
 from micro.proto import registry_pb2
@@ -32,6 +33,7 @@ log = logging.getLogger("micro.proxy")
 ERROR_ID = "micro.proxy"
 BUILDING_BLOCK = "building-block"
 RESYNC_DELAY = 1.0
+FALLBACK_DOMAIN = DEFAULT_NAMESPACE  # where the building blocks live, readable from every namespace
 MAX_ROUTES = 1024  # cached routes per service: a caller inventing paths cannot grow it further
 
 
@@ -229,6 +231,14 @@ class Directory:
         if loaded is None or not loaded.ready.is_set():
             return NOT_LOADED
         return loaded.targets.get(name)
+
+    def resolve(self, namespace: str, name: str) -> Target | object | None:
+        """Service ``name`` as callers of ``namespace`` reach it: the namespace's own, else the
+        ``micro`` domain's (the building blocks, readable from every namespace); as ``find``."""
+        found = self.find(namespace, name)
+        if found is None and namespace != FALLBACK_DOMAIN:
+            return self.find(FALLBACK_DOMAIN, name)
+        return found
 
     async def load(self, name: str) -> None:
         """Load domain ``name`` and start following it, unless that is done or under way."""

@@ -14,14 +14,12 @@ from micro.errors import MicroError, NotFound, ServiceUnavailable
 from micro.errors import NotImplemented as Unimplemented
 from micro_daemon.auth.gate import Gate
 from micro_daemon.proxy.channels import ChannelPool
-from micro_daemon.proxy.directory import ERROR_ID, NOT_LOADED, Directory, Target
+from micro_daemon.proxy.directory import ERROR_ID, FALLBACK_DOMAIN, NOT_LOADED, Directory, Target
 from micro_daemon.proxy.forward import Forward, ServicerContext, Transcoder, abort
 from micro_daemon.proxy.guard import guarded
 from micro_daemon.registry.backend import RegistryBackend
 
 __all__ = ["Proxy"]
-
-FALLBACK_DOMAIN = DEFAULT_NAMESPACE  # where the building blocks live, readable from every namespace
 
 
 class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
@@ -81,11 +79,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             return _failing(error)
 
     def _find(self, namespace: str, service: str) -> Target | object | None:
-        found = self.directory.find(namespace, service)
+        found = self.directory.resolve(namespace, service)
         if found is NOT_LOADED and namespace != FALLBACK_DOMAIN:
             validate_namespace(namespace)  # only valid names become domains
-        if found is None and namespace != FALLBACK_DOMAIN:
-            return self.directory.find(FALLBACK_DOMAIN, service)
         return found
 
     def _route(self, target: Target, path: str, json: bool) -> grpc.RpcMethodHandler:

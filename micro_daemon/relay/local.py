@@ -24,11 +24,11 @@ from typing import Any
 from micro._dispatch import LocalStream, LocalUnary
 from micro._grpc_messages import PREFIX, Inbox, MessageError, frame_message
 from micro._hpack import encode
-from micro._http2 import NO_ERROR, Stream, flush
+from micro._http2 import Stream, Wakeup, flush
 from micro.errors import BadRequest, MicroError, PayloadTooLarge
 from micro.errors import NotImplemented as Unimplemented
 from micro_daemon.relay.eager import Resumed
-from micro_daemon.relay.relay import ERROR_ID, Call, Relay, error_block
+from micro_daemon.relay.relay import ERROR_ID, Call, Relay, end_with
 
 __all__ = ["Serve", "grpc_timeout"]
 
@@ -163,9 +163,7 @@ class Served:
         if stream.owner is not self or stream.conn.closed:
             return
         stream.owner = None
-        stream.conn.send_headers(stream, error_block(error, headers_sent=False), True)
-        if not stream.ended_in:
-            stream.conn.reset(stream, NO_ERROR)
+        end_with(stream, error, headers_sent=False)
 
 
 class ServedStream:
@@ -178,14 +176,14 @@ class ServedStream:
     the method waits, so a caller that reads slowly slows the method.
     """
 
-    __slots__ = ("deferred", "ended", "headers_sent", "inbox", "stream", "task", "waiter")
+    __slots__ = ("arrived", "deferred", "ended", "headers_sent", "inbox", "stream", "task")
 
     def __init__(self, stream: Stream, method: LocalStream, headers: dict[bytes, bytes], peer: str) -> None:
         self.stream = stream
         self.inbox = Inbox(stream, limit=INBOX_LIMIT, max_message=MAX_REQUEST)
         self.ended = False
         self.headers_sent = False  # the response headers went out: an error goes as trailers
-        self.waiter: asyncio.Future[None] | None = None
+        self.arrived = Wakeup()  # set when a request message, or the end, arrives
         self.deferred: tuple[MicroError, asyncio.TimerHandle] | None = None
         timeout = headers.get(b"grpc-timeout")
         seconds = None if timeout is None else grpc_timeout(timeout)
@@ -207,7 +205,7 @@ class ServedStream:
                 return
         if end:
             self.ended = True
-        self._wake()
+        self.arrived.set()
         if self.deferred is not None and (self.inbox.messages or self.ended):
             self._send_deferred()
 
@@ -228,15 +226,7 @@ class ServedStream:
                     raise BadRequest("the call ended inside a request message", id=ERROR_ID)
                 return
             else:
-                self.waiter = asyncio.get_running_loop().create_future()
-                await self.waiter
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+                await self.arrived.wait()
 
     def _fail(self, error: MicroError) -> None:
         self.task.cancel()
@@ -256,8 +246,7 @@ class ServedStream:
                 conn.send_data(stream, frame_message(response), False)
                 flush()
                 if stream.queue:  # the caller's window is full: wait until it reads
-                    stream.waiter = asyncio.get_running_loop().create_future()
-                    await stream.waiter
+                    await stream.drained.wait()
                 else:
                     # As a gRPC server's write would: let others run before the method goes on
                     # (consumers of one group take turns only if each yields after a delivery).
@@ -303,9 +292,8 @@ class ServedStream:
         if stream.owner is not self or stream.conn.closed:
             return
         stream.owner = None
-        stream.queue.clear()
-        stream.conn.blocked.pop(stream, None)
-        stream.conn.send_headers(stream, error_block(error, headers_sent=headers_sent), True)
+        # No reset: a gRPC client whose write meets one reports an internal error, not this one.
+        end_with(stream, error, headers_sent=headers_sent, stop_caller=False)
         flush()
 
 

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Protocol
@@ -33,7 +33,7 @@ from micro._hpack import encode
 from micro._http2 import CANCEL, NO_ERROR, REFUSED_STREAM, Connection, ProtocolError, Stream, flush
 from micro.errors import InternalServerError, MicroError, ServiceUnavailable
 
-__all__ = ["Call", "Destination", "Handover", "Relay", "Route", "Router", "error_block"]
+__all__ = ["Call", "Destination", "Handover", "Relay", "Route", "Router", "end_with", "error_block"]
 
 log = logging.getLogger("micro.relay")
 
@@ -42,8 +42,6 @@ REPLAY_LIMIT = 64 * 1024  # request bytes kept per call until its first answer, 
 DEAD_FOR = 3.0
 DRAIN_GRACE = 30.0
 ERROR_ID = "micro.proxy"
-
-Headers = Mapping[bytes, bytes]
 
 
 @dataclass(frozen=True)
@@ -235,11 +233,7 @@ class Relay:
         down.owner = None
         if down.conn.closed or down.ended_out or down.conn.streams.get(down.id) is not down:
             return  # over already, or reset by the caller (while it was routed): nothing may follow
-        down.queue.clear()  # an error ends the call: what the node sent and is still queued is moot
-        down.conn.blocked.pop(down, None)
-        down.conn.send_headers(down, error_block(error, headers_sent=call.answered), True)
-        if not down.ended_in:
-            down.conn.reset(down, NO_ERROR)  # the caller may still be sending: it can stop
+        end_with(down, error, headers_sent=call.answered)
 
     def mark_dead(self, address: str) -> None:
         log.debug("node %s unreachable; skipping it for %.0fs", address, self._dead_for)
@@ -461,6 +455,18 @@ class Upstream(Connection):
             self.relay.retry(call, reason)
         else:
             self.relay.answer(call, ServiceUnavailable(f"{reason} during the call", id=ERROR_ID))
+
+
+def end_with(stream: Stream, error: MicroError, *, headers_sent: bool, stop_caller: bool = True) -> None:
+    """End the call on ``stream`` with ``error``: what it still had queued is moot and dropped.
+
+    ``stop_caller``: reset the stream (NO_ERROR) if the caller is still sending, so it can stop.
+    """
+    stream.queue.clear()
+    stream.conn.blocked.pop(stream, None)
+    stream.conn.send_headers(stream, error_block(error, headers_sent=headers_sent), True)
+    if stop_caller and not stream.ended_in:
+        stream.conn.reset(stream, NO_ERROR)
 
 
 def error_block(error: MicroError, *, headers_sent: bool) -> bytes:

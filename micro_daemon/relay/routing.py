@@ -35,9 +35,7 @@ from micro_daemon.relay.eager import eager
 from micro_daemon.relay.local import Serve
 from micro_daemon.relay.relay import Destination, Route
 
-__all__ = ["ServiceRouter", "eager"]
-
-FALLBACK_DOMAIN = DEFAULT_NAMESPACE  # where the building blocks live, readable from every namespace
+__all__ = ["ServiceRouter"]
 
 _SERVICE = SERVICE_KEY.encode()
 _NAMESPACE = NAMESPACE_KEY.encode()
@@ -66,9 +64,10 @@ class ServiceRouter:
         service = headers.get(_SERVICE)
         name = service.decode("latin-1") if service else None
         if name:
-            found = self._find(headers, name)
+            namespace = (headers.get(_NAMESPACE) or b"").decode("latin-1") or DEFAULT_NAMESPACE
+            found = self.directory.resolve(namespace, name)
             if isinstance(found, Target) and not found.local and found.nodes:
-                return self._to_nodes(headers, peer, name, found)
+                return self._to_nodes(headers, peer, namespace, name, found)
         path = headers.get(_PATH, b"").decode("latin-1")
         local = self.dispatcher.local(path, name)
         if local is None:
@@ -79,15 +78,8 @@ class ServiceRouter:
             served = self._served[local] = Serve(local)
         return served
 
-    def _find(self, headers: Mapping[bytes, bytes], name: str) -> Target | object | None:
-        namespace = (headers.get(_NAMESPACE) or b"").decode("latin-1") or DEFAULT_NAMESPACE
-        found = self.directory.find(namespace, name)
-        if found is None and namespace != FALLBACK_DOMAIN:
-            found = self.directory.find(FALLBACK_DOMAIN, name)
-        return found
-
     def _to_nodes(
-        self, headers: Mapping[bytes, bytes], peer: str, name: str, found: Target
+        self, headers: Mapping[bytes, bytes], peer: str, namespace: str, name: str, found: Target
     ) -> Destination | Awaitable[Destination]:
         destination = self._destinations.get(found)
         if destination is None:
@@ -97,7 +89,6 @@ class ServiceRouter:
         if not self.gate.enabled:
             return destination
         path = headers.get(_PATH, b"").decode("latin-1")
-        namespace = (headers.get(_NAMESPACE) or b"").decode("latin-1") or DEFAULT_NAMESPACE
         metadata = {NAMESPACE_KEY: namespace, SERVICE_KEY: name}
         token = headers.get(_AUTHORIZATION)
         if token is not None:
