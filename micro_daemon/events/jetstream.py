@@ -76,7 +76,6 @@ from micro_daemon.events.jetstream_wire import (
     STREAM_NOT_FOUND,
     ApiError,
     Link,
-    event_headers,
     headers_size,
     map_nats_exceptions,
     redact,
@@ -325,8 +324,7 @@ class JetStreamEvents(EventsBackend):
 
     def _check(self, entry: Entry) -> None:
         check_item(entry.item, self.max_event_bytes)
-        headers = event_headers(entry.id, 2**63, entry.item.metadata, entry.item.timestamp_ns)
-        size = len(entry.item.payload) + headers_size(headers) + CHAIN_HEADERS_BYTES
+        size = len(entry.item.payload) + headers_size(entry.headers) + CHAIN_HEADERS_BYTES
         if size > self.link.max_payload:
             raise PayloadTooLarge(
                 f"event for {entry.item.topic!r} takes {size} bytes as a NATS message; the server's "

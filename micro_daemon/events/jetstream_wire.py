@@ -32,6 +32,7 @@ from nats.aio.subscription import Subscription
 from micro.errors import ServiceUnavailable
 from micro.proto import events_pb2
 from micro_daemon.events.backend import ERROR_ID
+from micro_daemon.events.nats_publisher import Publisher, Reply, Unsupported
 
 __all__ = [
     "CONSUMER_NOT_FOUND",
@@ -94,6 +95,8 @@ def map_nats_exceptions(address: str) -> Iterator[None]:
         raise _unavailable(f"JetStream at {address}: {exc.description}") from exc
     except nats.errors.ConnectionClosedError as exc:
         raise _unavailable(f"the connection to NATS at {address} is closed") from exc
+    except ConnectionResetError as exc:  # the own publisher's connection (nats_publisher)
+        raise _unavailable(f"the connection to NATS at {address} was lost") from exc
     except (nats.errors.TimeoutError, TimeoutError) as exc:
         raise _unavailable(f"NATS at {address} did not answer in time") from exc
     except nats.errors.Error as exc:
@@ -202,7 +205,7 @@ class Delivery:
         return event
 
 
-def status(msg: Msg) -> str:
+def status(msg: Msg | Reply) -> str:
     """The status of a control message (``"404"``, ``"408"``, ...), or ``""`` for a data message."""
     return (msg.headers or {}).get(_STATUS, "") if not msg.data else ""
 
@@ -211,16 +214,19 @@ class Link:
     """One NATS connection and the JetStream calls the backend makes over it.
 
     ``send`` publishes in call order and returns the future of the answer, so
-    a caller can pipeline many publishes and then wait for all of them.
+    a caller can pipeline many publishes and then wait for all of them. It
+    goes through a ``Publisher`` of its own when the server allows (plain
+    ``nats://``), else through nats-py.
     """
 
-    def __init__(self, nc: NATS, address: str, timeout: float) -> None:
+    def __init__(self, nc: NATS, address: str, timeout: float, publisher: Publisher | None = None) -> None:
         self.nc = nc
         self.address = address
         self.timeout = timeout
+        self.publisher = publisher
         self._inbox = nc.new_inbox()
         self._tokens = itertools.count(1)
-        self._answers: dict[str, asyncio.Future[Msg]] = {}
+        self._answers: dict[str, asyncio.Future[Reply]] = {}
         self._answer_sub: Subscription | None = None
 
     @classmethod
@@ -231,8 +237,12 @@ class Link:
         timeout: float,
         on_reconnect: Callable[[], Awaitable[None]],
         on_lost: Callable[[], Awaitable[None]],
+        own_publisher: bool = True,
     ) -> Link:
-        """Connect (one attempt, then raise), then keep reconnecting for ever."""
+        """Connect (one attempt, then raise), then keep reconnecting for ever.
+
+        ``own_publisher=False`` publishes through nats-py even where a ``Publisher`` could.
+        """
 
         async def quiet(exc: Exception) -> None:
             logger.debug("NATS at %s: %s", redact(address), exc)
@@ -248,7 +258,18 @@ class Link:
             closed_cb=on_lost,
         )
         nc.options["max_reconnect_attempts"] = -1  # the first connect fails fast; later ones never give up
-        link = cls(nc, redact(address), timeout)
+        publisher = None
+        if own_publisher:
+            try:
+                publisher = await Publisher.open(address, timeout=timeout)
+            except Unsupported as exc:
+                logger.debug("publishing to NATS at %s through nats-py: %s", redact(address), exc)
+            except BaseException:
+                await nc.close()
+                raise
+        if publisher is not None:
+            publisher.on_reconnect = on_reconnect
+        link = cls(nc, redact(address), timeout, publisher)
         link._answer_sub = await nc.subscribe(f"{link._inbox}.*", cb=link._answered)
         return link
 
@@ -258,13 +279,13 @@ class Link:
 
     @property
     def connected(self) -> bool:
-        return self.nc.is_connected
+        return self.nc.is_connected and (self.publisher is None or self.publisher.connected)
 
     def check_connected(self) -> None:
         """Raise ``ServiceUnavailable`` at once while the connection is down, rather than time out."""
         if self.nc.is_closed:
             raise _unavailable(f"the connection to NATS at {self.address} is closed")
-        if not self.nc.is_connected:
+        if not self.connected:
             raise _unavailable(f"not connected to NATS at {self.address} (reconnecting)")
 
     def new_inbox(self) -> str:
@@ -300,8 +321,14 @@ class Link:
 
     async def send(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
-    ) -> asyncio.Future[Msg]:
-        """Publish now, in call order; the future resolves with the answer."""
+    ) -> asyncio.Future[Reply]:
+        """Publish now, in call order; the future resolves with the answer.
+
+        ``ConnectionResetError`` (raised, or the future's) means the connection was down or lost:
+        whether the server got the message is unknown.
+        """
+        if self.publisher is not None:
+            return await self.publisher.send(subject, payload, headers)
         token = f"{self._inbox}.{next(self._tokens)}"
         answer = self._answers[token] = asyncio.get_running_loop().create_future()
         answer.add_done_callback(lambda _: self._answers.pop(token, None))  # answered or given up
@@ -312,7 +339,7 @@ class Link:
             raise
         return answer
 
-    async def wait(self, answer: asyncio.Future[Msg]) -> Msg:
+    async def wait(self, answer: asyncio.Future[Reply]) -> Reply:
         """The answer to a ``send``; ``nats.errors.TimeoutError`` if it does not come in time."""
         try:
             return await asyncio.wait_for(asyncio.shield(answer), self.timeout)
@@ -339,6 +366,8 @@ class Link:
         """Flush what is pending and close. Must not raise."""
         for answer in list(self._answers.values()):
             answer.cancel()
+        if self.publisher is not None:
+            await self.publisher.close()
         try:
             await asyncio.wait_for(self.nc.drain(), self.timeout)
         except Exception as exc:
@@ -349,4 +378,4 @@ class Link:
     async def _answered(self, msg: Msg) -> None:
         answer = self._answers.pop(msg.subject, None)
         if answer is not None and not answer.done():
-            answer.set_result(msg)
+            answer.set_result(Reply(msg.headers, msg.data))

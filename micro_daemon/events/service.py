@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from micro.context import Context
@@ -33,6 +33,7 @@ from micro_daemon.events.backend import (
     Start,
     check_item,
 )
+from micro_daemon.relay.eager import Resumed, run_eagerly
 
 __all__ = [
     "CONSUME_BATCH_BYTES",
@@ -76,8 +77,7 @@ class StreamHandler:
         try:
             while messages := await reader.batch():
                 entries = [_entry(event) for message in messages for event in message.events]
-                with reader.reading_ahead():
-                    results = await self._publish_each(context.namespace, entries)
+                results = await self._publish_each(context.namespace, entries)
                 start = 0
                 for message in messages:
                     end = start + len(message.events)
@@ -312,65 +312,72 @@ class _EventBatches:
 class _Requests:
     """The messages of a ``PublishStream``, in batches of those that have arrived.
 
-    While publishing never waits (an idle embedded engine commits at once),
-    each request is read directly. While a publish waits (an fsync, another
-    writer, a remote engine), the requests arriving meanwhile are read ahead
-    and make the next batch.
+    A batch is the next message (waiting for it) and every message that has
+    already arrived behind it, about ``PUBLISH_BATCH`` events at most: while a
+    publish waits (an fsync, another writer, a remote engine), the messages
+    arriving meanwhile make the next batch. No task reads ahead: a read that
+    would wait is started in the caller's stack and kept, half done, for the
+    next batch (``eager``).
     """
 
     def __init__(self, requests: AsyncIterator[events_pb2.PublishBatchRequest]) -> None:
         self._requests = aiter(requests)
-        self._ahead: deque[events_pb2.PublishBatchRequest] = deque()
-        self._reader: asyncio.Task[None] | None = None
+        self._carried: events_pb2.PublishBatchRequest | None = None  # over the last batch's limit
+        self._waiting: Resumed[events_pb2.PublishBatchRequest | None] | None = None
+        self._failure: BaseException | None = None
         self._ended = False
 
     async def batch(self) -> list[events_pb2.PublishBatchRequest]:
-        """The next messages (waiting for one), about ``PUBLISH_BATCH`` events at most; empty
-        once the stream ended."""
-        if not self._ahead and self._reader is not None:
-            reader, self._reader = self._reader, None
-            await reader  # its last read; a failure of the request stream is raised here
-        if not self._ahead and not self._ended:
-            request = await anext(self._requests, None)
-            if request is None:
-                self._ended = True
-            else:
-                self._ahead.append(request)
-        batch: list[events_pb2.PublishBatchRequest] = []
-        events = 0
-        while self._ahead and (not batch or events + len(self._ahead[0].events) <= PUBLISH_BATCH):
-            batch.append(self._ahead.popleft())
-            events += len(batch[-1].events)
+        """The next messages (waiting for one); empty once the stream ended."""
+        first = await self._next()
+        if first is None:
+            return []
+        batch, events = [first], len(first.events)
+        while events < PUBLISH_BATCH and (request := self._arrived()) is not None:
+            if events + len(request.events) > PUBLISH_BATCH:
+                self._carried = request
+                break
+            batch.append(request)
+            events += len(request.events)
         return batch
 
-    @contextlib.contextmanager
-    def reading_ahead(self) -> Iterator[None]:
-        """Read ahead while the block waits (not at all if it does not)."""
-        done = asyncio.Event()
-        start = asyncio.get_running_loop().call_soon(self._read_ahead, done)  # runs only if it waits
-        try:
-            yield
-        finally:
-            start.cancel()
-            done.set()
-
-    def _read_ahead(self, done: asyncio.Event) -> None:
-        if self._reader is None and not self._ended:
-            self._reader = asyncio.create_task(self._read_until(done))
-
-    async def _read_until(self, done: asyncio.Event) -> None:
-        while not done.is_set() and len(self._ahead) < PUBLISH_BATCH:
-            request = await anext(self._requests, None)
-            if request is None:
-                self._ended = True
-                return
-            self._ahead.append(request)
-
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
+        if self._waiting is not None:
+            self._waiting.close()
+            self._waiting = None
+
+    async def _next(self) -> events_pb2.PublishBatchRequest | None:
+        if self._carried is not None:
+            carried, self._carried = self._carried, None
+            return carried
+        if self._failure is not None:
+            raise self._failure  # the request stream failed after the last batch was taken
+        if self._ended:
+            return None
+        waiting, self._waiting = self._waiting, None
+        request = await (waiting if waiting is not None else self._read())
+        self._ended = request is None
+        return request
+
+    def _arrived(self) -> events_pb2.PublishBatchRequest | None:
+        """The next message if it has arrived, else None (a read that waits is kept for later)."""
+        if self._ended or self._failure is not None or self._waiting is not None:
+            return None
+        try:
+            read = run_eagerly(self._read())
+        except Exception as failure:  # raised at the next batch, after this one is published
+            self._failure = failure
+            return None
+        if isinstance(read, Resumed):
+            self._waiting = read
+            return None
+        self._ended = read is None
+        return read
+
+    async def _read(self) -> events_pb2.PublishBatchRequest | None:
+        async for request in self._requests:
+            return request
+        return None
 
 
 def _error(error: MicroError) -> events_pb2.Error:

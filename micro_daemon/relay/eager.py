@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Resumed", "eager"]
+__all__ = ["Resumed", "eager", "run_eagerly"]
 
 T = TypeVar("T")
 
@@ -17,10 +17,19 @@ def eager(coro: Coroutine[Any, Any, None]) -> Awaitable[None] | None:
     call would cost more than the check: this runs it in the caller's stack.
     Exceptions it raises before waiting propagate from here.
     """
+    rest = run_eagerly(coro)
+    return rest if isinstance(rest, Resumed) else None
+
+
+def run_eagerly(coro: Coroutine[Any, Any, T]) -> T | Resumed[T]:
+    """Run ``coro`` until it first waits: its result if it finished, else the ``Resumed`` rest.
+
+    Exceptions it raises before waiting propagate from here.
+    """
     try:
         waiting_on = coro.send(None)
-    except StopIteration:
-        return None
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
     return Resumed(coro, waiting_on)
 
 
@@ -30,6 +39,10 @@ class Resumed(Generic[T]):
     def __init__(self, coro: Coroutine[Any, Any, T], waiting_on: Any) -> None:
         self._coro = coro
         self._waiting_on = waiting_on
+
+    def close(self) -> None:
+        """Give the rest up: the coroutine gets ``GeneratorExit`` where it waits."""
+        self._coro.close()
 
     def __await__(self) -> Generator[Any, Any, T]:
         coro, waiting_on = self._coro, self._waiting_on

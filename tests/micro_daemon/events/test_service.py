@@ -266,26 +266,31 @@ async def _consume_and_ack(channel: grpc.aio.Channel) -> None:
     assert isinstance(error_from_rpc(caught.value), BadRequest)
 
 
-async def test_publish_stream_reads_ahead_only_while_a_publish_waits(
-    tmp_path: Path, monkeypatch: Any
-) -> None:
-    read_ahead = 0
-    original = service._Requests._read_until
+async def test_publish_stream_batches_what_arrived_while_a_publish_waited(tmp_path: Path) -> None:
+    events = await SQLiteEvents(tmp_path / "events.db").open()
+    batches: list[int] = []
+    publish_many = events.publish_many
 
-    async def counted(self: Any, done: asyncio.Event) -> None:
-        nonlocal read_ahead
-        read_ahead += 1
-        await original(self, done)
+    async def counted(namespace: str, items: Any) -> Any:
+        batches.append(len(items))
+        return await publish_many(namespace, items)
 
-    monkeypatch.setattr(service._Requests, "_read_until", counted)
-    events = await SQLiteEvents(tmp_path / "events.db").open()  # commits at once while its writer idles
+    events.publish_many = counted  # type: ignore[method-assign]
     try:
         requests = Requests()
         answers = StreamHandler(events).PublishStream(requests, ALICE)
-        for n in range(1, 21):
+        for n in range(1, 4):  # one at a time: each is its own batch
             requests.queue.put_nowait(message(events_pb2.PublishRequest(topic="t", payload=b"x")))
             assert (await asyncio.wait_for(anext(answers), TIMEOUT)).results[0].sequence == n
-        assert read_ahead == 0  # (fewer than the 64 writes that send one through the writer thread)
+        for _ in range(3):  # arrived together: published together, each answered in turn
+            requests.queue.put_nowait(message(events_pb2.PublishRequest(topic="t", payload=b"y")))
+        answered = [await asyncio.wait_for(anext(answers), TIMEOUT) for _ in range(3)]
+        assert [a.results[0].sequence for a in answered] == [4, 5, 6]
+        assert batches == [1, 1, 1, 3]
+        tasks = len(asyncio.all_tasks())
+        requests.queue.put_nowait(message(events_pb2.PublishRequest(topic="t", payload=b"z")))
+        assert (await asyncio.wait_for(anext(answers), TIMEOUT)).results[0].sequence == 7
+        assert len(asyncio.all_tasks()) == tasks  # no task reads ahead
         requests.queue.put_nowait(None)
         assert [r async for r in answers] == []
     finally:
