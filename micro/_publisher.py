@@ -52,6 +52,7 @@ class _Stream:
         self.waiting: deque[list[asyncio.Future[events_pb2.PublishResult]]] = deque()  # one per message
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         # With a transport that can be written to directly, a publish goes out from its caller's
         # task (no hop through a writer task): what a single publish waits for is the round trip.
         self.direct: OpenBidi[events_pb2.PublishResults] | None = None
@@ -64,9 +65,6 @@ class _Stream:
             self.reader = self.loop.create_task(self._read(answers))
 
     def send(self, request: events_pb2.PublishRequest) -> asyncio.Future[events_pb2.PublishResult]:
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
         answer = self.loop.create_future()
         self.queued.events.append(request)
         self.queued_answers.append(answer)
@@ -90,7 +88,14 @@ class _Stream:
         self.direct.write(message)
 
     def _close_idle(self) -> None:
-        if not self.waiting and not self.queued_answers and not self.closing:
+        # One timer for many publishes, not one per publish: it checks, and waits again if used.
+        self.idle = None
+        if self.waiting or self.queued_answers or self.closing:
+            return  # busy: armed again once idle
+        left = self.idle_since + IDLE - self.loop.time()
+        if left > 0:
+            self.idle = self.loop.call_later(left, self._close_idle)
+        else:
             self.closing = True
             if self.direct is not None:
                 self.direct.done_writing()
@@ -131,9 +136,9 @@ class _Stream:
                     if not waiter.done():
                         waiter.set_result(result)
                 if not self.waiting and not self.queued_answers:
-                    if self.idle is not None:
-                        self.idle.cancel()
-                    self.idle = self.loop.call_later(IDLE, self._close_idle)
+                    self.idle_since = self.loop.time()
+                    if self.idle is None:
+                        self.idle = self.loop.call_later(IDLE, self._close_idle)
             failure = ServiceUnavailable("the publish stream ended", id=_SERVICE)
         except NotImplementedError:
             failure = _Unsupported()

@@ -176,7 +176,7 @@ class ServedStream:
     the method waits, so a caller that reads slowly slows the method.
     """
 
-    __slots__ = ("arrived", "deferred", "ended", "headers_sent", "inbox", "stream", "task")
+    __slots__ = ("arrived", "deferred", "ended", "headers_sent", "inbox", "stream", "task", "waited")
 
     def __init__(self, stream: Stream, method: LocalStream, headers: dict[bytes, bytes], peer: str) -> None:
         self.stream = stream
@@ -184,6 +184,7 @@ class ServedStream:
         self.ended = False
         self.headers_sent = False  # the response headers went out: an error goes as trailers
         self.arrived = Wakeup()  # set when a request message, or the end, arrives
+        self.waited = False  # the method waited for a request since its last response
         self.deferred: tuple[MicroError, asyncio.TimerHandle] | None = None
         timeout = headers.get(b"grpc-timeout")
         seconds = None if timeout is None else grpc_timeout(timeout)
@@ -226,6 +227,7 @@ class ServedStream:
                     raise BadRequest("the call ended inside a request message", id=ERROR_ID)
                 return
             else:
+                self.waited = True
                 await self.arrived.wait()
 
     def _fail(self, error: MicroError) -> None:
@@ -247,10 +249,12 @@ class ServedStream:
                 flush()
                 if stream.queue:  # the caller's window is full: wait until it reads
                     await stream.drained.wait()
-                else:
+                elif not self.waited:
                     # As a gRPC server's write would: let others run before the method goes on
                     # (consumers of one group take turns only if each yields after a delivery).
+                    # A method that waited for a request since its last answer has let them.
                     await asyncio.sleep(0)
+                self.waited = False
         except MicroError as error:
             if (
                 not headers_sent
