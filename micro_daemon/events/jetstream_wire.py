@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from micro.errors import ServiceUnavailable
 from micro.proto import events_pb2
 from micro_daemon.events.backend import ERROR_ID
-from micro_daemon.events.nats_publisher import Publisher, Reply, Unsupported
+from micro_daemon.events.nats_publisher import Answers, Publisher, Reply, Unsupported
 
 __all__ = [
     "CONSUMER_NOT_FOUND",
@@ -50,6 +50,7 @@ __all__ = [
     "event_headers",
     "headers_size",
     "map_nats_exceptions",
+    "nats_error",
     "parse_time",
     "redact",
     "rfc3339",
@@ -65,6 +66,7 @@ CONSUMER_NOT_FOUND = 10014
 WRONG_LAST_MSG_ID = 10070
 WRONG_LAST_SEQUENCE = 10071
 _STATUS = "Status"
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options makes one a call
 logger = logging.getLogger(__name__)
 
 
@@ -91,16 +93,26 @@ def map_nats_exceptions(address: str) -> Iterator[None]:
     """Raise what NATS raises inside as ``ServiceUnavailable`` naming ``address`` (already redacted)."""
     try:
         yield
-    except ApiError as exc:
-        raise _unavailable(f"JetStream at {address}: {exc.description}") from exc
-    except nats.errors.ConnectionClosedError as exc:
-        raise _unavailable(f"the connection to NATS at {address} is closed") from exc
-    except ConnectionResetError as exc:  # the own publisher's connection (nats_publisher)
-        raise _unavailable(f"the connection to NATS at {address} was lost") from exc
-    except (nats.errors.TimeoutError, TimeoutError) as exc:
-        raise _unavailable(f"NATS at {address} did not answer in time") from exc
-    except nats.errors.Error as exc:
-        raise _unavailable(f"NATS at {address}: {exc}") from exc
+    except Exception as exc:
+        error = nats_error(exc, address)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def nats_error(exc: Exception, address: str) -> ServiceUnavailable | None:
+    """``exc`` as the ``ServiceUnavailable`` that names NATS at ``address``; None if not NATS's."""
+    if isinstance(exc, ApiError):
+        return _unavailable(f"JetStream at {address}: {exc.description}")
+    if isinstance(exc, nats.errors.ConnectionClosedError):
+        return _unavailable(f"the connection to NATS at {address} is closed")
+    if isinstance(exc, ConnectionResetError):  # the own publisher's connection (nats_publisher)
+        return _unavailable(f"the connection to NATS at {address} was lost")
+    if isinstance(exc, nats.errors.TimeoutError | TimeoutError):
+        return _unavailable(f"NATS at {address} did not answer in time")
+    if isinstance(exc, nats.errors.Error):
+        return _unavailable(f"NATS at {address}: {exc}")
+    return None
 
 
 def _unavailable(detail: str) -> ServiceUnavailable:
@@ -124,7 +136,7 @@ def event_headers(event_id: str, seq: int, metadata: Mapping[str, str], timestam
     """The headers that carry an event's id, sequence, metadata and timestamp."""
     headers = {HEADER_ID: event_id, HEADER_SEQ: str(seq)}
     if metadata:
-        headers[HEADER_META] = json.dumps(dict(metadata), separators=(",", ":"))
+        headers[HEADER_META] = _COMPACT_JSON.encode(dict(metadata))
     if timestamp_ns:
         headers[HEADER_TIME] = str(timestamp_ns)
     return headers
@@ -226,7 +238,7 @@ class Link:
         self.publisher = publisher
         self._inbox = nc.new_inbox()
         self._tokens = itertools.count(1)
-        self._answers: dict[str, asyncio.Future[Reply]] = {}
+        self._answers: Answers[str] = Answers(timeout)
         self._answer_sub: Subscription | None = None
 
     @classmethod
@@ -322,7 +334,8 @@ class Link:
     async def send(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
     ) -> asyncio.Future[Reply]:
-        """Publish now, in call order; the future resolves with the answer.
+        """Publish now, in call order; the future resolves with the answer, or fails with
+        ``TimeoutError`` after the link's timeout.
 
         ``ConnectionResetError`` (raised, or the future's) means the connection was down or lost:
         whether the server got the message is unknown.
@@ -330,24 +343,20 @@ class Link:
         if self.publisher is not None:
             return await self.publisher.send(subject, payload, headers)
         token = f"{self._inbox}.{next(self._tokens)}"
-        answer = self._answers[token] = asyncio.get_running_loop().create_future()
-        answer.add_done_callback(lambda _: self._answers.pop(token, None))  # answered or given up
+        answer = self._answers.expect(token)
         try:
             await self.nc.publish(subject, payload, reply=token, headers=dict(headers) if headers else None)
         except BaseException:
-            self._answers.pop(token, None)
+            self._answers.drop(token)
             raise
         return answer
 
     async def wait(self, answer: asyncio.Future[Reply]) -> Reply:
         """The answer to a ``send``; ``nats.errors.TimeoutError`` if it does not come in time."""
         try:
-            return await asyncio.wait_for(asyncio.shield(answer), self.timeout)
+            return await answer
         except TimeoutError:
             raise nats.errors.TimeoutError from None
-        finally:
-            if not answer.done():
-                answer.cancel()
 
     async def confirm(self, subject: str, payload: bytes) -> None:
         """Publish and wait until the server has applied it (acks: JetStream answers once applied)."""
@@ -364,8 +373,7 @@ class Link:
 
     async def close(self) -> None:
         """Flush what is pending and close. Must not raise."""
-        for answer in list(self._answers.values()):
-            answer.cancel()
+        self._answers.fail_all(ConnectionResetError("the events backend closed"))
         if self.publisher is not None:
             await self.publisher.close()
         try:
@@ -376,6 +384,4 @@ class Link:
             await self.nc.close()
 
     async def _answered(self, msg: Msg) -> None:
-        answer = self._answers.pop(msg.subject, None)
-        if answer is not None and not answer.done():
-            answer.set_result(Reply(msg.headers, msg.data))
+        self._answers.resolve(msg.subject, Reply(msg.headers, msg.data))

@@ -33,7 +33,7 @@ from micro_daemon.events.jetstream_wire import (
     WRONG_LAST_SEQUENCE,
     Link,
     event_headers,
-    map_nats_exceptions,
+    nats_error,
     status,
 )
 from micro_daemon.events.nats_publisher import Reply
@@ -94,7 +94,8 @@ class NamespaceWriter:
         self._last_seq: int | None = None
         self._topics: dict[str, int] = {}
         self._running: asyncio.Task[None] | None = None
-        self._inline: asyncio.Future[None] | None = None  # a burst written in a caller's task
+        self._inline = False  # a burst is being written in a caller's task
+        self._inline_done: asyncio.Future[None] | None = None  # made when close() waits for it
 
     async def append(self, entries: Sequence[Entry]) -> list[int]:
         """Append ``entries``; return their topic sequences once stored.
@@ -104,7 +105,7 @@ class NamespaceWriter:
         """
         for entry in entries:
             entry.done.add_done_callback(_retrieve)
-        if self._running is None and self._inline is None and len(entries) <= MAX_BURST:
+        if self._running is None and not self._inline and len(entries) <= MAX_BURST:
             return await self._append_inline(list(entries))
         self._queue.extend(entries)
         self._start()
@@ -112,8 +113,9 @@ class NamespaceWriter:
 
     async def close(self) -> None:
         """Finish the bursts already queued or being written. Must not raise."""
-        if self._inline is not None:
-            await asyncio.gather(asyncio.shield(self._inline), return_exceptions=True)
+        if self._inline:
+            self._inline_done = self._inline_done or asyncio.get_running_loop().create_future()
+            await asyncio.gather(asyncio.shield(self._inline_done), return_exceptions=True)
         if self._running is not None:
             await asyncio.gather(self._running, return_exceptions=True)
 
@@ -123,7 +125,7 @@ class NamespaceWriter:
         self._topics.clear()
 
     async def _append_inline(self, burst: list[Entry]) -> list[int]:
-        self._inline = asyncio.get_running_loop().create_future()
+        self._inline = True
         try:
             await self._burst(burst)
         except asyncio.CancelledError:
@@ -132,13 +134,15 @@ class NamespaceWriter:
                 entry.done.cancel()
             raise
         finally:
-            self._inline.set_result(None)
-            self._inline = None
+            self._inline = False
+            if self._inline_done is not None:
+                self._inline_done.set_result(None)
+                self._inline_done = None
             self._start()
         return [entry.done.result() for entry in burst]
 
     def _start(self) -> None:
-        if self._queue and self._running is None and self._inline is None:
+        if self._queue and self._running is None and not self._inline:
             self._running = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -152,10 +156,9 @@ class NamespaceWriter:
     async def _burst(self, burst: list[Entry]) -> None:
         """Write ``burst``; each entry's ``done`` gets its sequence, or why it failed."""
         try:
-            with map_nats_exceptions(self.link.address):
-                await self._write(burst)
+            await self._write(burst)
         except Exception as exc:
-            error = (
+            error = nats_error(exc, self.link.address) or (
                 exc
                 if isinstance(exc, MicroError)
                 else ServiceUnavailable(f"publishing failed: {exc}", id=ERROR_ID)
@@ -170,7 +173,8 @@ class NamespaceWriter:
             self.link.check_connected()  # a round would only time out
             if self._last_seq is None:
                 self._last_seq = await self._load_last_seq()
-            await self._learn({entry.item.topic for entry in pending})
+            if any(entry.item.topic not in self._topics for entry in pending):
+                await self._learn({entry.item.topic for entry in pending})
             pending = await self._send(pending)
             if not pending:
                 return
@@ -203,10 +207,12 @@ class NamespaceWriter:
     async def _send(self, pending: list[Entry]) -> list[Entry]:
         """Send ``pending`` as one chain; return the entries to send again (a conflict), else []."""
         assert self._last_seq is not None
-        last_seq, seqs = self._last_seq, dict(self._topics)
+        last_seq, known = self._last_seq, self._topics
+        seqs: dict[str, int] = {}  # the sequences this chain gives, by topic
         assigned, answers = [], []
         for index, entry in enumerate(pending):
-            seq = seqs[entry.item.topic] + 1
+            topic = entry.item.topic
+            seq = seqs.get(topic, known[topic]) + 1
             headers = {
                 **entry.headers,
                 HEADER_SEQ: str(seq),
@@ -220,10 +226,10 @@ class NamespaceWriter:
                 )
             except ConnectionResetError:
                 break  # the connection is down: what was sent is awaited, the rest goes again
-            seqs[entry.item.topic] = seq
+            seqs[topic] = seq
             assigned.append(seq)
         try:
-            await _answered(answers, self.link.timeout)
+            await _answered(answers)
         except BaseException:
             _cancel(answers)  # cancelled: nobody will read them
             raise
@@ -258,26 +264,12 @@ class NamespaceWriter:
             entry.done.set_result(seq)
 
 
-async def _answered(answers: Sequence[asyncio.Future[Reply]], timeout: float) -> None:
-    """Wait until every answer came, or ``timeout`` passed: those still missing then fail with
-    ``TimeoutError``. Cheaper than ``asyncio.wait``: no set, no waiter, one timer a burst."""
-    if not answers:
-        return
-    timer = asyncio.get_running_loop().call_later(timeout, _time_out, answers)
-    try:
-        for answer in answers:
-            if not answer.done():
-                with contextlib.suppress(Exception):
-                    await answer
-    finally:
-        timer.cancel()
-
-
-def _time_out(answers: Sequence[asyncio.Future[Reply]]) -> None:
+async def _answered(answers: Sequence[asyncio.Future[Reply]]) -> None:
+    """Wait until every answer came or failed (``Link.send``'s fail after the link's timeout)."""
     for answer in answers:
         if not answer.done():
-            answer.set_exception(TimeoutError())
-            answer.exception()  # read by state (done, failed) later: never "never retrieved"
+            with contextlib.suppress(Exception):
+                await answer
 
 
 def _cancel(answers: Sequence[asyncio.Future[Reply]]) -> None:

@@ -26,15 +26,16 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["Publisher", "Reply", "Unsupported"]
+__all__ = ["Answers", "Publisher", "Reply", "Unsupported"]
 
 RECONNECT_WAIT = 0.5  # seconds between attempts while the server is away
 _HEADER_LINE = b"NATS/1.0\r\n"
 _REPLY_SID = b"1"
 logger = logging.getLogger(__name__)
+K = TypeVar("K")
 
 
 class Unsupported(Exception):
@@ -47,6 +48,57 @@ class Reply:
 
     headers: dict[str, str] | None
     data: bytes
+
+
+class Answers(Generic[K]):
+    """The answers awaited on one connection, by reply token.
+
+    Each fails with ``TimeoutError`` once ``timeout`` passed since it was expected: one
+    timer sweeps them all in the order they were sent, rather than one timer each. An
+    answer whose waiter gave up (cancelled it) is dropped when its answer comes, or by
+    the sweep.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._waiting: dict[K, tuple[asyncio.Future[Reply], float]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def expect(self, token: K) -> asyncio.Future[Reply]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Reply] = loop.create_future()
+        self._waiting[token] = (answer, loop.time() + self._timeout)
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._timeout, self._expire)
+        return answer
+
+    def resolve(self, token: K, reply: Reply) -> None:
+        waiting = self._waiting.pop(token, None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(reply)
+
+    def drop(self, token: K) -> None:
+        self._waiting.pop(token, None)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every answer still awaited with ``error``."""
+        waiting, self._waiting = self._waiting, {}
+        for answer, _ in waiting.values():
+            _fail(answer, error)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._sweep = None
+        for token, (answer, deadline) in list(self._waiting.items()):
+            if deadline > now and not answer.done():
+                self._sweep = loop.call_at(deadline, self._expire)
+                return
+            del self._waiting[token]
+            _fail(answer, TimeoutError())
 
 
 class Publisher:
@@ -113,7 +165,7 @@ class Publisher:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        connection = _Connection(self._auth, self._name, self._lost)
+        connection = _Connection(self._auth, self._name, self._timeout, self._lost)
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: connection, self._host, self._port), self._timeout
@@ -159,7 +211,9 @@ def _auth(user: str | None, password: str | None) -> dict[str, str]:
 class _Connection(asyncio.Protocol):
     """One TCP connection to NATS: parses what the server sends, resolves the answers."""
 
-    def __init__(self, auth: dict[str, str], name: str, lost: Callable[[_Connection], None]) -> None:
+    def __init__(
+        self, auth: dict[str, str], name: str, timeout: float, lost: Callable[[_Connection], None]
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.ready.add_done_callback(_retrieve)
@@ -172,16 +226,14 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._inbox = b"_INBOX.micro" + os.urandom(8).hex().encode() + b"."
         self._tokens = itertools.count(1)
-        self._answers: dict[bytes, asyncio.Future[Reply]] = {}
+        self._answers: Answers[bytes] = Answers(timeout)
 
     def publish(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None
     ) -> asyncio.Future[Reply]:
         assert self._transport is not None
         token = b"%d" % next(self._tokens)
-        answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        answer.add_done_callback(lambda _: self._answers.pop(token, None))  # answered or given up
-        self._answers[token] = answer
+        answer = self._answers.expect(token)
         block = _header_block(headers or {})
         self._transport.write(
             b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
@@ -203,11 +255,7 @@ class _Connection(asyncio.Protocol):
         failure = ConnectionResetError(f"the connection to NATS was lost ({exc or 'closed'})")
         if not self.ready.done():
             self.ready.set_exception(failure)
-        for answer in list(self._answers.values()):
-            if not answer.done():
-                answer.set_exception(failure)
-                answer.exception()  # whoever waits reads it; nobody may, without a warning
-        self._answers.clear()
+        self._answers.fail_all(failure)
         self.paused = False
         self.drained.set()
         self._lost(self)
@@ -250,10 +298,10 @@ class _Connection(asyncio.Protocol):
         header_size = int(args[-2]) if args[0] == b"HMSG" else 0
         subject = args[1]
         if subject.startswith(self._inbox):
-            answer = self._answers.pop(subject[len(self._inbox) :], None)
-            if answer is not None and not answer.done():
-                headers = _parse_headers(bytes(buffer[body : body + header_size])) if header_size else None
-                answer.set_result(Reply(headers, bytes(buffer[body + header_size : body + total])))
+            headers = _parse_headers(bytes(buffer[body : body + header_size])) if header_size else None
+            self._answers.resolve(
+                subject[len(self._inbox) :], Reply(headers, bytes(buffer[body + header_size : body + total]))
+            )
         return body + total + 2
 
     def _control(self, line: bytes) -> None:
@@ -329,6 +377,12 @@ def _parse_headers(block: bytes) -> dict[str, str]:
         if sep:
             headers[key.strip()] = value.strip()
     return headers
+
+
+def _fail(answer: asyncio.Future[Reply], error: BaseException) -> None:
+    if not answer.done():
+        answer.set_exception(error)
+        answer.exception()  # whoever waits reads it; nobody may, without a warning
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -2,7 +2,10 @@
 
 Each call runs one autocommit statement on a pooled connection
 (``psycopg_pool.AsyncConnectionPool``), so a write is committed before it
-returns. While the server is unreachable (down, restarting) calls fail at once
+returns. Under load, reads and plain writes of one table share statements
+(``postgres_batches``): those that would wait for a connection go together.
+
+While the server is unreachable (down, restarting) calls fail at once
 with ``ServiceUnavailable`` naming it: a call that finds a pooled connection
 closed, or waits over a second for one, tries a connection of its own, and once
 such a probe has failed every call probes instead of queueing on the pool,
@@ -27,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +47,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from micro.errors import BadRequest, Conflict, InternalServerError, NotFound, ServiceUnavailable, SetupError
 from micro_daemon.store.backend import Field, Query, Record, StoreBackend
 from micro_daemon.store.backends.memory import conflict_detail
+from micro_daemon.store.backends.postgres_batches import Coalescer, Kind
 from micro_daemon.store.backends.postgres_schema import migrate, quote_identifier
 from micro_daemon.store.backends.sqlite import prefix_upper_bound
 
@@ -218,16 +222,23 @@ def _record(row: TupleRow) -> Record:
 
 
 def _write_params(database: str, table: str, record: Record, now: float) -> dict[str, Any]:
-    metadata = {name: {"type": f.type, "value": f.value} for name, f in record.metadata.items()}
     return {
         "database": database,
         "tbl": table,
         "key": record.key,
         "value": record.value,
-        "metadata": Jsonb(metadata),
+        "metadata": _metadata_json(record),
         "expires_at": record.expires_at,
         "now": now,
     }
+
+
+def _key_of(record: Record) -> str:
+    return record.key
+
+
+def _metadata_json(record: Record) -> Jsonb:
+    return Jsonb({name: {"type": f.type, "value": f.value} for name, f in record.metadata.items()})
 
 
 class _Statements:
@@ -244,9 +255,21 @@ class _Statements:
         )
         self.get = f"SELECT {_COLUMNS} FROM {table} WHERE {exact}"
         self.version = f"SELECT version FROM {table} WHERE {exact}"
-        self.put = (
-            f"{upsert}, version = CASE WHEN r.expires_at IS NULL OR r.expires_at > %(now)s "
-            "THEN r.version + 1 ELSE 1 END RETURNING version"
+        renew = (
+            "version = CASE WHEN r.expires_at IS NULL OR r.expires_at > %(now)s THEN r.version + 1 ELSE 1 END"
+        )
+        self.put = f"{upsert}, {renew} RETURNING version"
+        self.get_many = (
+            f"SELECT {_COLUMNS} FROM {table} "
+            f"WHERE database = %(database)s AND tbl = %(tbl)s AND key = ANY(%(keys)s::text[]) AND {_LIVE}"
+        )
+        self.put_many = (
+            f"INSERT INTO {table} AS r (database, tbl, key, value, metadata, expires_at, version) "
+            "SELECT %(database)s, %(tbl)s, u.key, u.value, u.metadata, u.expires_at, 1 FROM unnest("
+            "%(keys)s::text[], %(values)s::bytea[], %(metadata)s::jsonb[], %(expires)s::float8[]"
+            ") AS u(key, value, metadata, expires_at) "
+            "ON CONFLICT (database, tbl, key) DO UPDATE SET value = excluded.value, "
+            f"metadata = excluded.metadata, expires_at = excluded.expires_at, {renew} RETURNING key, version"
         )
         self.create = (
             f"{upsert}, version = 1 WHERE r.expires_at IS NOT NULL AND r.expires_at <= %(now)s "
@@ -314,6 +337,10 @@ class PostgresBackend(StoreBackend):
         self._probes = 0
         self._probing = asyncio.Lock()
         self._closed = False
+        # Reads and plain writes beyond what the pool's connections run wait to share a statement.
+        self._calls = Coalescer(address.pool_size)
+        self._gets: Kind[str, Record | None] = Kind(self._get_one, self._get_many)
+        self._puts: Kind[Record, int] = Kind(self._put_one, self._put_many, distinct=_key_of)
 
     async def open(self) -> PostgresBackend:
         """Connect, migrate the schema and fill the pool; ``SetupError`` if the server cannot be used."""
@@ -347,11 +374,22 @@ class PostgresBackend(StoreBackend):
             )
 
     async def get(self, database: str, table: str, key: str) -> Record:
+        record = await self._calls.run(self._gets, (database, table), key)
+        if record is None:
+            raise NotFound(f"key {key!r} not found in table {table!r} of namespace {database!r}", id="store")
+        return record
+
+    async def _get_one(self, where: tuple[str, str], key: str) -> Record | None:
+        database, table = where
         params = {"database": database, "tbl": table, "key": key, "now": _now()}
         rows = await self._fetch(self._sql.get, params)
-        if not rows:
-            raise NotFound(f"key {key!r} not found in table {table!r} of namespace {database!r}", id="store")
-        return _record(rows[0])
+        return _record(rows[0]) if rows else None
+
+    async def _get_many(self, where: tuple[str, str], keys: Sequence[str]) -> list[Record | None]:
+        database, table = where
+        params = {"database": database, "tbl": table, "keys": list(keys), "now": _now()}
+        found = {row[0]: row for row in await self._fetch(self._sql.get_many, params)}
+        return [_record(found[key]) if key in found else None for key in keys]
 
     async def query(self, database: str, table: str, query: Query) -> list[Record]:
         sql, params = self._sql.select(_COLUMNS, database, table, query, _now())
@@ -362,10 +400,10 @@ class PostgresBackend(StoreBackend):
         return [row[0] for row in await self._fetch(sql, params)]
 
     async def put(self, database: str, table: str, record: Record, *, if_version: int | None = None) -> int:
-        params = _write_params(database, table, record, _now())
         if if_version is None:
-            sql = self._sql.put
-        elif if_version == 0:
+            return await self._calls.run(self._puts, (database, table), record)
+        params = _write_params(database, table, record, _now())
+        if if_version == 0:
             sql = self._sql.create
         else:
             sql, params["if_version"] = self._sql.swap, if_version
@@ -376,6 +414,28 @@ class PostgresBackend(StoreBackend):
         current = await self._fetch(self._sql.version, params)
         found = current[0][0] if current else 0
         raise Conflict(conflict_detail(database, table, record.key, found, if_version or 0), id="store")
+
+    async def _put_one(self, where: tuple[str, str], record: Record) -> int:
+        database, table = where
+        rows = await self._fetch(
+            self._sql.put, _write_params(database, table, record, _now()), idempotent=False
+        )
+        version: int = rows[0][0]
+        return version
+
+    async def _put_many(self, where: tuple[str, str], records: Sequence[Record]) -> list[int]:
+        database, table = where
+        params = {
+            "database": database,
+            "tbl": table,
+            "keys": [record.key for record in records],
+            "values": [record.value for record in records],
+            "metadata": [_metadata_json(record) for record in records],
+            "expires": [record.expires_at for record in records],
+            "now": _now(),
+        }
+        versions: dict[str, int] = dict(await self._fetch(self._sql.put_many, params, idempotent=False))
+        return [versions[record.key] for record in records]
 
     async def delete(self, database: str, table: str, key: str) -> None:
         params = {"database": database, "tbl": table, "key": key, "now": _now()}
@@ -410,6 +470,7 @@ class PostgresBackend(StoreBackend):
             await self._pool.close(timeout=5.0)
         except Exception:
             logger.exception("closing the postgres store pool at %s failed", self.address.shown)
+        await self._calls.close()
 
     async def _fetch(self, sql: str, params: Any, *, idempotent: bool = True) -> list[TupleRow]:
         return await self._run(lambda conn: _rows(conn, sql, params), idempotent=idempotent)
