@@ -19,7 +19,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from micro._hpack import Decoder, HPACKError
 
@@ -195,8 +195,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:

@@ -120,44 +120,65 @@ class _Stream:
         self.direct = direct
         self.opening = False
         self._flush()  # what was sent while it opened
+        # Answers resolve their publishers from the connection's reading: no task between.
+        direct.listen(self._on_answer, self._on_end)
+
+    def _on_answer(self, answer: events_pb2.PublishResults) -> None:
         try:
-            await self._read(direct)
-        finally:
-            direct.cancel()
+            self._answered(answer)
+        except ValueError as exc:
+            assert self.direct is not None
+            self.direct.cancel()
+            self._ended(exc)
+
+    def _on_end(self, error: BaseException | None) -> None:
+        if error is not None and self.direct is not None:
+            self.direct.cancel()
+        self._ended(error)
 
     async def _read(self, answers: AsyncIterator[events_pb2.PublishResults]) -> None:
-        failure: BaseException
         try:
             async for answer in answers:
-                if len(answer.results) != len(self.waiting[0]):
-                    raise ValueError(f"{len(answer.results)} results for {len(self.waiting[0])} events")
-                waiters = self.waiting.popleft()
-                for waiter, result in zip(waiters, answer.results, strict=True):
-                    if not waiter.done():
-                        waiter.set_result(result)
-                if not self.waiting and not self.queued_answers:
-                    self.idle_since = self.loop.time()
-                    if self.idle is None:
-                        self.idle = self.loop.call_later(IDLE, self._close_idle)
-            failure = ServiceUnavailable("the publish stream ended", id=_SERVICE)
-        except NotImplementedError:
-            failure = _Unsupported()
-        except MicroError as exc:
-            failure = _Unsupported() if exc.code == 501 else exc
-        except Exception as exc:
-            failure = ServiceUnavailable(f"the publish stream failed: {exc!r}", id=_SERVICE)
-        except asyncio.CancelledError:
-            failure = ServiceUnavailable("the publish stream was cancelled", id=_SERVICE)
+                self._answered(answer)
+        except BaseException as exc:
+            self._ended(exc)
             raise
-        finally:
-            self.closing = True
-            self.waiting.append(self.queued_answers)  # never sent: they fail too
-            for waiters in self.waiting:  # their outcome is unknown, as a call's that fails
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(_copy(failure))
-            self.waiting.clear()
-            self.queued_answers = []
+        self._ended(None)
+
+    def _answered(self, answer: events_pb2.PublishResults) -> None:
+        if not self.waiting or len(answer.results) != len(self.waiting[0]):
+            expected = len(self.waiting[0]) if self.waiting else 0
+            raise ValueError(f"{len(answer.results)} results for {expected} events")
+        waiters = self.waiting.popleft()
+        for waiter, result in zip(waiters, answer.results, strict=True):
+            if not waiter.done():
+                waiter.set_result(result)
+        if not self.waiting and not self.queued_answers:
+            self.idle_since = self.loop.time()
+            if self.idle is None:
+                self.idle = self.loop.call_later(IDLE, self._close_idle)
+
+    def _ended(self, error: BaseException | None) -> None:
+        """The stream ended (``error`` None: the server ended it): every publish still waiting fails."""
+        failure: BaseException
+        if error is None:
+            failure = ServiceUnavailable("the publish stream ended", id=_SERVICE)
+        elif isinstance(error, NotImplementedError):
+            failure = _Unsupported()
+        elif isinstance(error, MicroError):
+            failure = _Unsupported() if error.code == 501 else error
+        elif isinstance(error, asyncio.CancelledError):
+            failure = ServiceUnavailable("the publish stream was cancelled", id=_SERVICE)
+        else:
+            failure = ServiceUnavailable(f"the publish stream failed: {error!r}", id=_SERVICE)
+        self.closing = True
+        self.waiting.append(self.queued_answers)  # never sent: they fail too
+        for waiters in self.waiting:  # their outcome is unknown, as a call's that fails
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(_copy(failure))
+        self.waiting.clear()
+        self.queued_answers = []
 
 
 class _Publisher:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Generic, Literal, TypeVar
 
 from google.protobuf.message import Message
@@ -11,7 +11,7 @@ from micro._metadata import AUTHORIZATION_KEY, CODEC_KEY, NAMESPACE_KEY, SERVICE
 from micro.codec import decode_proto
 from micro.context import DEFAULT_NAMESPACE, current_context, validate_namespace
 from micro.credentials import Credentials, from_environment
-from micro.errors import BadRequest
+from micro.errors import BadRequest, MicroError
 from micro.transport import Metadata, Transport
 
 __all__ = ["AUTO", "Client", "OpenBidi"]
@@ -174,6 +174,31 @@ class OpenBidi(Generic[M]):
 
     def cancel(self) -> None:
         self._call.cancel()
+
+    def listen(self, on_answer: Callable[[M], None], on_end: Callable[[BaseException | None], None]) -> None:
+        """Have each answer handed to ``on_answer`` as it arrives, then the call's end to ``on_end``
+        (its error, or None), instead of iterating: no task between the reading and the callback.
+        The callbacks must not raise or wait. An answer that does not parse ends the call."""
+
+        def answered(data: bytes) -> None:
+            if ended:
+                return
+            try:
+                answer = decode_proto(data, self._response_type)
+            except MicroError as exc:
+                ended.append(True)
+                self._call.cancel()
+                on_end(exc)
+                return
+            on_answer(answer)
+
+        def end(error: BaseException | None) -> None:
+            if not ended:
+                ended.append(True)
+                on_end(error)
+
+        ended: list[bool] = []
+        self._call.listen(answered, end)
 
     def __aiter__(self) -> OpenBidi[M]:
         return self

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -79,7 +79,7 @@ class _Refused(Exception):
 class _Call:
     """One call's stream: response messages as they arrive, then its status."""
 
-    __slots__ = ("arrived", "error", "finished", "headers_seen", "inbox", "started", "stream")
+    __slots__ = ("arrived", "error", "finished", "headers_seen", "inbox", "listener", "started", "stream")
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -89,6 +89,7 @@ class _Call:
         self.finished = False
         self.error: BaseException | None = None
         self.arrived = Wakeup()  # set when a message, or the end, arrives
+        self.listener: Callable[[], None] | None = None  # called instead, from the reading
 
     def on_headers(self, fields: list[tuple[bytes, bytes]], end: bool) -> None:
         self.started = True
@@ -114,6 +115,8 @@ class _Call:
             return
         if end:
             self._end(ServiceUnavailable("the server ended the call without a status"))
+        elif self.listener is not None:
+            self.listener()
         else:
             self.arrived.set()
 
@@ -137,7 +140,10 @@ class _Call:
             return
         self.finished = True
         self.error = error
-        self.arrived.set()
+        if self.listener is not None:
+            self.listener()
+        else:
+            self.arrived.set()
 
     async def next_message(self) -> bytes | None:
         """The next response message; ``None`` once the call ended well; raises its error."""
@@ -394,6 +400,29 @@ class Http2Bidi:
 
     def cancel(self) -> None:
         _cancel(self._call)
+
+    def listen(
+        self, on_message: Callable[[bytes], None], on_end: Callable[[BaseException | None], None]
+    ) -> None:
+        """Have each answer handed to ``on_message`` as it arrives, from the connection's reading
+        (no task between), then the call's end to ``on_end`` (its error, or None); instead of
+        iterating. The callbacks must not raise or wait."""
+        call = self._call
+
+        def deliver() -> None:
+            while (message := call.inbox.pop()) is not None:
+                on_message(message)
+            if call.finished:
+                call.listener = None
+                error = call.error
+                on_end(
+                    ServiceUnavailable("the server refused the call")
+                    if isinstance(error, _Refused)
+                    else error
+                )
+
+        call.listener = deliver
+        deliver()
 
     def __aiter__(self) -> Http2Bidi:
         return self

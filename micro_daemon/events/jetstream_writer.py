@@ -103,10 +103,10 @@ class NamespaceWriter:
         An idle writer appends them in the caller's task (no task, no hop); a busy one
         queues them for its next burst, shared with whatever else arrives meanwhile.
         """
+        if self._running is None and not self._inline and len(entries) <= MAX_BURST:
+            return await self._append_inline(list(entries))  # read right after: no _retrieve
         for entry in entries:
             entry.done.add_done_callback(_retrieve)
-        if self._running is None and not self._inline and len(entries) <= MAX_BURST:
-            return await self._append_inline(list(entries))
         self._queue.extend(entries)
         self._start()
         return [await asyncio.shield(entry.done) for entry in entries]
@@ -139,6 +139,10 @@ class NamespaceWriter:
                 self._inline_done.set_result(None)
                 self._inline_done = None
             self._start()
+        failures = [entry.done.exception() for entry in burst]  # each read: none "never retrieved"
+        for failure in failures:
+            if failure is not None:
+                raise failure
         return [entry.done.result() for entry in burst]
 
     def _start(self) -> None:

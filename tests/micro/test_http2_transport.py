@@ -247,6 +247,43 @@ async def test_bidi_stream_answers_as_requests_come(server: Server, transport: H
     assert await outcome(server) == "done"
 
 
+async def test_an_open_bidi_hands_answers_to_a_listener_as_they_arrive(
+    server: Server, transport: Http2Transport
+) -> None:
+    answers: list[bytes] = []
+    ended: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    arrived = asyncio.Event()
+
+    def on_message(message: bytes) -> None:
+        answers.append(message)
+        arrived.set()
+
+    call = await transport.open_bidi(CHAT, metadata=(), timeout=TIMEOUT)
+    call.listen(on_message, ended.set_result)
+    for i in range(10):
+        arrived.clear()
+        call.write(b"ping %d" % i)
+        await asyncio.wait_for(arrived.wait(), SOON)
+    assert answers == [(b"ping %d" % i)[::-1] for i in range(10)]
+    call.done_writing()
+    assert await asyncio.wait_for(ended, SOON) is None
+    assert await outcome(server) == "done"
+
+
+async def test_a_listener_hears_how_a_lost_call_ended(server: Server) -> None:
+    transport = Http2Transport(server.address)
+    ended: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    call = await transport.open_bidi(CHAT, metadata=(), timeout=TIMEOUT)
+    call.listen(lambda message: None, ended.set_result)
+    call.write(b"ping")
+    assert await asyncio.wait_for(server.started.get(), SOON) == "Chat"
+    conn = transport._conn
+    assert conn is not None and conn.transport is not None
+    conn.transport.abort()
+    assert isinstance(await asyncio.wait_for(ended, SOON), ServiceUnavailable)
+    await transport.close()
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
