@@ -114,8 +114,6 @@ class Daemon:
         self.home.ensure()
         self._lock()
         self._started = time.time()
-        # aiohttp takes a third of the daemon's start-up to import: do it in a thread meanwhile.
-        gateway = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, "micro_daemon.gateway"))
         try:
             await self._open_backends()
             await self._serve()
@@ -131,7 +129,10 @@ class Daemon:
                 f" with TLS (local services on {self.local_address})" if self._tls else "",
                 self.home.data_dir,
             )
-            self._gateway = (await gateway).Gateway(
+            # aiohttp takes a third of the start-up to import (a thread, so that the gRPC port
+            # answers meanwhile); started only now: a thread importing competes for the GIL.
+            gateway = await asyncio.to_thread(importlib.import_module, "micro_daemon.gateway")
+            self._gateway = gateway.Gateway(
                 self._proxy, self.dispatcher, registry=self._registry, gate=self.gate
             )
             ssl_context = self._tls.ssl_context() if self._tls else None

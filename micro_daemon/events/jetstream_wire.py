@@ -279,8 +279,6 @@ class Link:
             except BaseException:
                 await nc.close()
                 raise
-        if publisher is not None:
-            publisher.on_reconnect = on_reconnect
         link = cls(nc, redact(address), timeout, publisher)
         link._answer_sub = await nc.subscribe(f"{link._inbox}.*", cb=link._answered)
         return link

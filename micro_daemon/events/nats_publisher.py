@@ -144,12 +144,17 @@ class Publisher:
     async def send(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None
     ) -> asyncio.Future[Reply]:
-        """Publish now; the future resolves with the answer. ``ConnectionResetError`` while down."""
+        """Publish now; the future resolves with the answer. ``ConnectionResetError`` while down.
+
+        A caller's sends go out in the order it makes them (another caller's may come between).
+        """
         connection = self._connection
         if connection is None or self._closed:
             raise ConnectionResetError("not connected to NATS")
         if connection.paused:
             await connection.drained.wait()
+            if connection is not self._connection or connection.lost:  # lost while it waited
+                raise ConnectionResetError("the connection to NATS was lost")
         return connection.publish(subject, payload, headers)
 
     async def close(self) -> None:
@@ -174,6 +179,8 @@ class Publisher:
         except BaseException:
             connection.close()
             raise
+        if connection.lost:  # right after its handshake, before this resumed: nothing would answer
+            raise ConnectionResetError("the connection to NATS was lost as it opened")
         return connection
 
     def _lost(self, connection: _Connection) -> None:
@@ -186,7 +193,8 @@ class Publisher:
         while not self._closed:
             try:
                 connection = await self._connect()
-            except (OSError, TimeoutError, ConnectionError) as exc:
+            except (OSError, TimeoutError, ConnectionError, Unsupported) as exc:
+                # Unsupported: the server came back wanting TLS; calls fail at once meanwhile.
                 logger.debug("reconnecting to NATS at %s:%s: %s", self._host, self._port, exc)
                 await asyncio.sleep(RECONNECT_WAIT)
                 continue
@@ -219,6 +227,7 @@ class _Connection(asyncio.Protocol):
         self.ready.add_done_callback(_retrieve)
         self.max_payload = 1024 * 1024
         self.paused = False
+        self.lost = False
         self.drained = asyncio.Event()
         self.drained.set()
         self._auth, self._name, self._lost = auth, name, lost
@@ -251,6 +260,7 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         failure = ConnectionResetError(f"the connection to NATS was lost ({exc or 'closed'})")
         if not self.ready.done():
             self.ready.set_exception(failure)
