@@ -425,13 +425,14 @@ class PostgresBackend(StoreBackend):
 
     async def _put_many(self, where: tuple[str, str], records: Sequence[Record]) -> list[int]:
         database, table = where
+        rows = sorted(records, key=_key_of)  # rows locked in key order: batches never deadlock
         params = {
             "database": database,
             "tbl": table,
-            "keys": [record.key for record in records],
-            "values": [record.value for record in records],
-            "metadata": [_metadata_json(record) for record in records],
-            "expires": [record.expires_at for record in records],
+            "keys": [record.key for record in rows],
+            "values": [record.value for record in rows],
+            "metadata": [_metadata_json(record) for record in rows],
+            "expires": [None if record.expires_at is None else float(record.expires_at) for record in rows],
             "now": _now(),
         }
         versions: dict[str, int] = dict(await self._fetch(self._sql.put_many, params, idempotent=False))
@@ -466,6 +467,9 @@ class PostgresBackend(StoreBackend):
         if self._closed:
             return
         self._closed = True
+        self._calls.abandon(
+            ServiceUnavailable(f"store engine postgres at {self.address.location} is closed", id="store")
+        )
         try:
             await self._pool.close(timeout=5.0)
         except Exception:

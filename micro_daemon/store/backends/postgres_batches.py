@@ -80,8 +80,16 @@ class Coalescer:
         self._dispatch()
         return await waiting.done  # cancelled: the batch skips it, or drops its answer
 
+    def abandon(self, error: BaseException) -> None:
+        """Fail every call still waiting with ``error`` (the engine is closing)."""
+        waiting, self._waiting = self._waiting, {}
+        for entries in waiting.values():
+            for entry in entries:
+                if not entry.done.done():
+                    entry.done.set_exception(error)
+
     async def close(self) -> None:
-        """Wait for the batches running and to run (the pool's closing ends them). Must not raise."""
+        """Wait for the batches running (the pool's closing ends them). Must not raise."""
         while self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
 
