@@ -84,6 +84,7 @@ class Daemon:
     address: str = ""
     pid: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    keep_home: bool = False  # a home the caller made: ``stop`` leaves it
 
     @property
     def state_file(self) -> Path:
@@ -133,7 +134,8 @@ class Daemon:
             print(f"warning: stopping micro server {self.process.pid}: {exc}", file=sys.stderr)
         finally:
             self._stop_autostarted()
-            shutil.rmtree(self.home, ignore_errors=True)
+            if not self.keep_home:
+                shutil.rmtree(self.home, ignore_errors=True)
 
     def _stop_autostarted(self) -> None:
         """Stop a daemon a CLI call auto-started in this private home (if ours died early)."""
@@ -157,9 +159,11 @@ class Daemon:
         self.stop()
 
 
-def spawn_daemon(python_args: tuple[str, ...] = (), **extra_env: str) -> Daemon:
-    """Spawn ``micro server`` on an ephemeral port with a fresh MICRO_HOME; do not wait for it."""
-    home = tempfile.mkdtemp(prefix="micro-bench-")
+def spawn_daemon(python_args: tuple[str, ...] = (), home: str | None = None, **extra_env: str) -> Daemon:
+    """Spawn ``micro server`` on an ephemeral port with a fresh MICRO_HOME (or ``home``, which
+    ``stop`` then leaves); do not wait for it."""
+    kept = home is not None
+    home = home if home is not None else tempfile.mkdtemp(prefix="micro-bench-")
     env = bench_env(home, **extra_env)
     with open(Path(home) / "bench-server.log", "wb") as log:
         process = subprocess.Popen(
@@ -169,7 +173,7 @@ def spawn_daemon(python_args: tuple[str, ...] = (), **extra_env: str) -> Daemon:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return Daemon(home=home, process=process, env=env)
+    return Daemon(home=home, process=process, env=env, keep_home=kept)
 
 
 def start_daemon(**extra_env: str) -> Daemon:

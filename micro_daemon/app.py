@@ -242,22 +242,34 @@ class Daemon:
     def _admit(self, context: Context) -> None:
         self.gate.admit_block(context)
 
-    async def _open_auth(self, store: StoreBackend, secrets: SecretBox) -> AuthEngine | None:
+    def _shared_keys(self) -> bool:
+        """Whether every daemon of the platform signs with one key kept in the shared store."""
+        shared = self.settings.profile == "platform" and not os.environ.get(PRIVATE_KEY_ENV)
+        return shared and bool(os.environ.get(KEY_ENV))
+
+    def _load_local_keys(self) -> asyncio.Future[KeyPair] | None:
+        """Start loading (or, on a first start, generating) this daemon's own key pair, in a thread:
+        generating one takes 0.1-1 s, which the engines' opening hides (it releases the GIL)."""
+        if self.settings.auth == "none" or self._shared_keys():
+            return None
+        return asyncio.ensure_future(asyncio.to_thread(KeyPair.load_or_create, self.home.config_dir))
+
+    async def _open_auth(
+        self, store: StoreBackend, secrets: SecretBox, local_keys: asyncio.Future[KeyPair] | None
+    ) -> AuthEngine | None:
         if self.settings.auth == "none":
             return None
-        shared = self.settings.profile == "platform" and not os.environ.get(PRIVATE_KEY_ENV)
-        if shared and os.environ.get(KEY_ENV):
+        if local_keys is None:
             keys = await load_or_create_shared(store, secrets)  # every daemon signs with the same key
         else:
-            if shared:
+            if self.settings.profile == "platform" and not os.environ.get(PRIVATE_KEY_ENV):
                 log.warning(
                     "%s is not set: this daemon signs tokens with its own key, which other daemons of "
                     "the platform do not accept; set it (or %s) the same on every daemon",
                     KEY_ENV,
                     PRIVATE_KEY_ENV,
                 )
-            # Generating a key pair takes a moment: off the loop.
-            keys = await asyncio.to_thread(KeyPair.load_or_create, self.home.config_dir)
+            keys = await local_keys
         engine = AuthEngine(
             store,
             keys,
@@ -269,10 +281,20 @@ class Daemon:
 
     async def _open_backends(self) -> None:
         settings, data = self.settings, self.home.data_dir
-        self._store = await open_engine("store", settings.store_address, settings.profile, data)
-        self._registry = await open_engine("registry", settings.registry_address, settings.profile, data)
-        secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
-        auth = await self._open_auth(self._store, secrets)
+        local_keys = self._load_local_keys()
+        try:
+            self._store = await open_engine("store", settings.store_address, settings.profile, data)
+            self._registry = await open_engine("registry", settings.registry_address, settings.profile, data)
+            self._broker = await open_engine("broker", settings.broker_address, settings.profile, data)
+            self._events = await open_engine("events", settings.events_address, settings.profile, data)
+            secrets = SecretBox.load_or_create(self.home.config_dir / "config_secret_key")
+            auth = await self._open_auth(self._store, secrets, local_keys)
+        finally:
+            if local_keys is not None:
+                if not local_keys.done():
+                    local_keys.cancel()  # an engine failed first: its thread finishes, unread
+                elif not local_keys.cancelled():
+                    local_keys.exception()  # read: never "never retrieved"
         self.gate = Gate(auth)
         self._runtime = Runtime(
             self.home,
@@ -283,8 +305,6 @@ class Daemon:
             accounts=ServiceAccounts(auth),
             register_ttl=float(settings.registry_ttl),
         )
-        self._broker = await open_engine("broker", settings.broker_address, settings.profile, data)
-        self._events = await open_engine("events", settings.events_address, settings.profile, data)
         config = ConfigEngine(self._store, secrets)
         ttl = float(self.settings.registry_ttl)
         blocks: dict[str, list[tuple[object, ServiceDescriptor]]] = {

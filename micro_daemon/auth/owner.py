@@ -18,7 +18,7 @@ from pathlib import Path
 
 from micro.auth import Account
 from micro.context import DEFAULT_NAMESPACE
-from micro.errors import Conflict
+from micro.errors import Conflict, NotFound
 from micro.home import write_private
 from micro_daemon.auth.engine import OWNER_ID, AuthEngine
 
@@ -53,18 +53,21 @@ class OwnerCredential:
 
     async def _account(self) -> Account | None:
         try:
-            await self.engine.generate(
-                DEFAULT_NAMESPACE,
-                OWNER_ID,
-                type="user",
-                scopes=["admin"],
-                metadata={"local": "owner"},
-                secret=secrets.token_urlsafe(32),
-                name=OWNER_ID,
-            )
-        except Conflict:
-            pass
-        account = await self.engine.account(DEFAULT_NAMESPACE, OWNER_ID)
+            account = await self.engine.account(DEFAULT_NAMESPACE, OWNER_ID)
+        except NotFound:  # a first start: create it (hashing its secret takes a while, so only then)
+            try:
+                await self.engine.generate(
+                    DEFAULT_NAMESPACE,
+                    OWNER_ID,
+                    type="user",
+                    scopes=["admin"],
+                    metadata={"local": "owner"},
+                    secret=secrets.token_urlsafe(32),
+                    name=OWNER_ID,
+                )
+            except Conflict:
+                pass  # another daemon on this store made it meanwhile
+            account = await self.engine.account(DEFAULT_NAMESPACE, OWNER_ID)
         if (
             account.type != "user"
             or "admin" not in account.scopes

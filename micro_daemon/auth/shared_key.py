@@ -48,4 +48,4 @@ def _decrypt(box: SecretBox, value: bytes) -> KeyPair:
             "give every daemon of the platform the same key",
             id="auth",
         ) from exc
-    return KeyPair.from_pem(pem.encode(), "the shared store")
+    return KeyPair.from_pem(pem.encode(), "the shared store", ours=True)
