@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import threading
 from collections import deque
 from typing import Any, cast
 
@@ -135,13 +136,26 @@ class Stream:
         self.drained = Wakeup()  # set when the queue empties or the stream ends
 
 
-_dirty: list[Connection] = []
+class _Dirty(threading.local):
+    """The connections with frames gathered and not sent yet, of this thread's event loop.
+
+    Per thread: a process may run event loops in several threads (a daemon in a test's thread,
+    a service's client in a worker thread), and a flush in one must never send, or clear,
+    another loop's frames.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[Connection] = []
+
+
+_dirty = _Dirty()
 
 
 def flush() -> None:
     """Send what every connection gathered during this callback. Call it at the end of each entry point."""
-    while _dirty:
-        conn = _dirty.pop()
+    dirty = _dirty.connections
+    while dirty:
+        conn = dirty.pop()
         conn.dirty = False
         out = conn.out
         if out and conn.transport is not None:
@@ -242,7 +256,7 @@ class Connection(asyncio.Protocol):
         self.out.append(data)
         if not self.dirty:
             self.dirty = True
-            _dirty.append(self)
+            _dirty.connections.append(self)
 
     def send_headers(self, stream: Stream, block: bytes, end: bool) -> None:
         """Send a header block on ``stream`` (after whatever it has queued)."""

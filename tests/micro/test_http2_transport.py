@@ -7,6 +7,7 @@ import gc
 import hashlib
 import json
 import random
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -669,3 +670,38 @@ def test_one_transport_on_two_event_loops_in_turn() -> None:
             gc.collect()
     finally:
         server.stop(None)
+
+
+async def test_event_loops_in_several_threads_never_mix_their_frames(server: Server) -> None:
+    # Frames gathered on one loop must be sent by that loop's flush only: a daemon in a test's
+    # thread and a CLI, or worker threads with loops of their own, share one process.
+    def calls(seed: int) -> list[bool]:
+        async def run() -> list[bool]:
+            transport = Http2Transport(server.address)
+            try:
+                sizes = [random.Random(seed + i).randrange(1, 300_000) for i in range(40)]
+                answers = await asyncio.gather(
+                    *(
+                        transport.unary(ECHO, payload(seed + i, size), metadata=(), timeout=30)
+                        for i, size in enumerate(sizes)
+                    )
+                )
+                return [
+                    answer == payload(seed + i, size)
+                    for i, (answer, size) in enumerate(zip(answers, sizes, strict=True))
+                ]
+            finally:
+                await transport.close()
+
+        return asyncio.run(run())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns every few bytecodes: any shared state shows
+    try:
+        with futures.ThreadPoolExecutor(3) as pool:
+            outcomes = await asyncio.gather(
+                *(asyncio.get_running_loop().run_in_executor(pool, calls, seed * 1000) for seed in range(3))
+            )
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(all(ok) for ok in outcomes)
