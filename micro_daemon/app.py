@@ -471,7 +471,6 @@ def run(settings: Settings, home: Home) -> None:
 
 async def _run(settings: Settings, home: Home) -> None:
     daemon = Daemon(settings, home)
-    await daemon.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -480,10 +479,22 @@ async def _run(settings: Settings, home: Home) -> None:
             os._exit(130)  # a second Ctrl-C: the user wants out now
         stopping.set()
 
+    # Before start-up: a signal during it (the gateway starts after the state file is out, so a
+    # caller may already be done with the daemon) stops it cleanly rather than interrupting it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    starting = asyncio.ensure_future(daemon.start())
+    signalled = asyncio.ensure_future(stopping.wait())
     try:
-        await stopping.wait()
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()  # start() stops what it opened
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
+            starting.result()  # a start-up error ends the daemon here
+            await stopping.wait()
         log.info("shutting down")
     finally:
+        signalled.cancel()
         await daemon.stop()

@@ -92,6 +92,16 @@ def test_the_foreground_server_stops_cleanly_on_a_signal(home, foreground, sig):
     assert not (home / "state" / "server.json").exists()
 
 
+def test_a_signal_as_soon_as_the_state_file_is_out_stops_the_server_cleanly(home, foreground):
+    # The state file comes out before the gateway has started: a caller may be done by then.
+    server = start_foreground(foreground, home)
+    server.send_signal(signal.SIGINT)
+    _, err = server.communicate(timeout=15)
+    assert server.returncode == 0, err
+    assert "Traceback" not in err
+    assert not (home / "state" / "server.json").exists()
+
+
 def test_a_second_server_on_the_same_home_is_refused(home, foreground):
     first = start_foreground(foreground, home)
     second = micro("server")
