@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PrivateNats", "PrivatePostgres", "free_port", "postgres_bin"]
+__all__ = ["PrivateNats", "PrivatePostgres", "free_port", "port_answers", "postgres_bin"]
 
 
 def free_port() -> int:
@@ -39,7 +39,8 @@ def postgres_bin() -> Path:
     return Path(bindir.stdout.strip())
 
 
-def _answers(port: int) -> bool:
+def port_answers(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
     except OSError:
@@ -83,7 +84,7 @@ class PrivatePostgres:
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast``: roll back what runs and shut down cleanly; ``immediate``: crash)."""
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
-        _wait(lambda: not _answers(self.port), f"PostgreSQL to leave port {self.port}")
+        _wait(lambda: not port_answers(self.port), f"PostgreSQL to leave port {self.port}")
 
     @property
     def running(self) -> bool:
@@ -120,7 +121,7 @@ class PrivateNats:
         command = ["nats-server", "-js", "-sd", str(self.root / "jetstream"), "-a", "127.0.0.1"]
         command += ["-p", str(self.port), "-l", str(self.root / "nats.log")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: self._alive() and _answers(self.port), f"nats-server on port {self.port}")
+        _wait(lambda: self._alive() and port_answers(self.port), f"nats-server on port {self.port}")
 
     def stop(self) -> None:
         """Shut the server down (SIGTERM: JetStream writes its state first); SIGKILL if it lingers."""

@@ -34,7 +34,7 @@ from micro_daemon.events.backend import PublishItem
 from micro_daemon.events.jetstream import JetStreamEvents, Names, open_jetstream
 from micro_daemon.events.jetstream_wire import WRONG_LAST_SEQUENCE, Link, status
 from micro_daemon.events.nats_publisher import RECONNECT_WAIT, Publisher, Reply, Unsupported
-from tests._engines import PrivateNats, free_port
+from tests._engines import PrivateNats, free_port, port_answers
 from tests._tls import make_certificates
 
 TIMEOUT = 2.0
@@ -67,7 +67,7 @@ class ConfiguredNats:
         command = ["nats-server", "-c", str(self.config), "-l", str(self.root / "nats.log")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not _answers(self.port):
+        while not port_answers(self.port):
             if self.process.poll() is not None:
                 log = (self.root / "nats.log").read_text()[-2000:]
                 raise AssertionError(f"nats-server exited {self.process.returncode}: {log}")
@@ -89,7 +89,7 @@ class ConfiguredNats:
             self.process.wait()
             self.process = None
         deadline = time.monotonic() + 10
-        while _answers(self.port):
+        while port_answers(self.port):
             assert time.monotonic() < deadline, f"nats-server still answers on port {self.port}"
             time.sleep(0.01)
 
@@ -112,14 +112,6 @@ def _freeze(process: subprocess.Popen[bytes]) -> None:
     while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
         assert time.monotonic() < deadline, f"process {process.pid} did not stop"
         time.sleep(0.001)
-
-
-def _answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
