@@ -180,24 +180,25 @@ class OpenBidi(Generic[M]):
         (its error, or None), instead of iterating: no task between the reading and the callback.
         The callbacks must not raise or wait. An answer that does not parse ends the call."""
 
+        ended = False
+
         def answered(data: bytes) -> None:
             if ended:
                 return
             try:
                 answer = decode_proto(data, self._response_type)
             except MicroError as exc:
-                ended.append(True)
                 self._call.cancel()
-                on_end(exc)
+                end(exc)
                 return
             on_answer(answer)
 
         def end(error: BaseException | None) -> None:
+            nonlocal ended
             if not ended:
-                ended.append(True)
+                ended = True
                 on_end(error)
 
-        ended: list[bool] = []
         self._call.listen(answered, end)
 
     def __aiter__(self) -> OpenBidi[M]:

@@ -115,10 +115,8 @@ class _Call:
             return
         if end:
             self._end(ServiceUnavailable("the server ended the call without a status"))
-        elif self.listener is not None:
-            self.listener()
         else:
-            self.arrived.set()
+            self._notify()
 
     def on_reset(self, code: int) -> None:
         if code == REFUSED_STREAM and not self.started:
@@ -140,6 +138,9 @@ class _Call:
             return
         self.finished = True
         self.error = error
+        self._notify()
+
+    def _notify(self) -> None:
         if self.listener is not None:
             self.listener()
         else:
@@ -414,12 +415,7 @@ class Http2Bidi:
                 on_message(message)
             if call.finished:
                 call.listener = None
-                error = call.error
-                on_end(
-                    ServiceUnavailable("the server refused the call")
-                    if isinstance(error, _Refused)
-                    else error
-                )
+                on_end(None if call.error is None else _surfaced(call.error))
 
         call.listener = deliver
         deliver()
@@ -451,8 +447,13 @@ async def _next(call: _Call, when: float | None) -> bytes | None:
             return await call.next_message()
         async with _deadline(None, at=when):
             return await call.next_message()
-    except _Refused:
-        raise ServiceUnavailable("the server refused the call") from None
+    except _Refused as refused:
+        raise _surfaced(refused) from None
+
+
+def _surfaced(error: BaseException) -> BaseException:
+    """A call's error as its caller sees it: a refusal, retried no more, is unavailability."""
+    return ServiceUnavailable("the server refused the call") if isinstance(error, _Refused) else error
 
 
 def _when(timeout: float | None) -> float | None:

@@ -242,10 +242,13 @@ class Daemon:
     def _admit(self, context: Context) -> None:
         self.gate.admit_block(context)
 
+    def _platform_without_key(self) -> bool:
+        """A platform daemon given no signing key: it shares one through the store, if it can."""
+        return self.settings.profile == "platform" and not os.environ.get(PRIVATE_KEY_ENV)
+
     def _shared_keys(self) -> bool:
         """Whether every daemon of the platform signs with one key kept in the shared store."""
-        shared = self.settings.profile == "platform" and not os.environ.get(PRIVATE_KEY_ENV)
-        return shared and bool(os.environ.get(KEY_ENV))
+        return self._platform_without_key() and bool(os.environ.get(KEY_ENV))
 
     def _load_local_keys(self) -> asyncio.Future[KeyPair] | None:
         """Start loading (or, on a first start, generating) this daemon's own key pair, in a thread:
@@ -262,7 +265,7 @@ class Daemon:
         if local_keys is None:
             keys = await load_or_create_shared(store, secrets)  # every daemon signs with the same key
         else:
-            if self.settings.profile == "platform" and not os.environ.get(PRIVATE_KEY_ENV):
+            if self._platform_without_key():  # and no KEY_ENV to share one with
                 log.warning(
                     "%s is not set: this daemon signs tokens with its own key, which other daemons of "
                     "the platform do not accept; set it (or %s) the same on every daemon",

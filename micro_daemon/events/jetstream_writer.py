@@ -56,12 +56,11 @@ class Entry:
 
     item: PublishItem
     id: str
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(init=False)
     done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def __post_init__(self) -> None:
-        if not self.headers:
-            self.headers = event_headers(self.id, 0, self.item.metadata, self.item.timestamp_ns)
+        self.headers = event_headers(self.id, 0, self.item.metadata, self.item.timestamp_ns)
 
 
 def _retrieve(future: asyncio.Future[int]) -> None:

@@ -730,6 +730,23 @@ def _start(
     return [asyncio.create_task(coalescer.run(kind, group, item)) for group, item in calls]
 
 
+async def _run_queued(
+    fake: FakeStatements,
+    coalescer: Coalescer,
+    kind: Kind[str, str],
+    calls: Sequence[tuple[str, str]],
+    *,
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """Start ``calls`` while ``fake`` holds its statements, so that all but the first queue, then
+    let them run; their answers, in order."""
+    fake.gate.clear()
+    tasks = _start(coalescer, kind, calls)
+    await _settle()
+    fake.gate.set()
+    return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
+
+
 async def test_coalescer_runs_alone_below_its_limit_and_never_more_at_once(loop_errors: list[Any]) -> None:
     fake = FakeStatements()
     fake.gate.clear()
@@ -756,14 +773,11 @@ async def test_coalescer_runs_the_oldest_group_first_and_a_leftover_after_the_ot
 ) -> None:
     monkeypatch.setattr(postgres_batches, "MAX_BATCH", 2)
     fake = FakeStatements()
-    fake.gate.clear()
     coalescer, kind = Coalescer(1), Kind(fake.one, fake.many)
     calls = [("first", "x"), ("b", "b0"), ("a", "a0"), ("b", "b1"), ("b", "b2"), ("c", "c0"), ("a", "a1")]
-    tasks = _start(coalescer, kind, calls)
-    await _settle()
-    fake.gate.set()
+    answers = await _run_queued(fake, coalescer, kind, calls)
 
-    assert await asyncio.gather(*tasks) == [f"{group}:{item}" for group, item in calls]
+    assert answers == [f"{group}:{item}" for group, item in calls]
     assert fake.calls == [
         ("one", "first", ["x"]),
         ("many", "b", ["b0", "b1"]),
@@ -776,14 +790,11 @@ async def test_coalescer_runs_the_oldest_group_first_and_a_leftover_after_the_ot
 
 async def test_coalescer_batches_hold_max_batch_calls_at_most(loop_errors: list[Any]) -> None:
     fake = FakeStatements()
-    fake.gate.clear()
     coalescer, kind = Coalescer(1), Kind(fake.one, fake.many)
     calls = [("g", f"i{i}") for i in range(2 * MAX_BATCH + 51)]
-    tasks = _start(coalescer, kind, calls)
-    await _settle()
-    fake.gate.set()
+    answers = await _run_queued(fake, coalescer, kind, calls)
 
-    assert await asyncio.gather(*tasks) == [f"g:{item}" for _, item in calls]
+    assert answers == [f"g:{item}" for _, item in calls]
     assert [(how, len(items)) for how, _, items in fake.calls] == [
         ("one", 1),
         ("many", MAX_BATCH),
@@ -795,15 +806,12 @@ async def test_coalescer_batches_hold_max_batch_calls_at_most(loop_errors: list[
 
 async def test_coalescer_never_puts_two_calls_of_one_distinct_name_in_a_batch(loop_errors: list[Any]) -> None:
     fake = FakeStatements()
-    fake.gate.clear()
     coalescer = Coalescer(1)
     kind = Kind(fake.one, fake.many, distinct=lambda item: item.partition("=")[0])
     calls = [("g", item) for item in ("x=0", "k=1", "k=2", "j=1", "k=3", "j=2", "i=1")]
-    tasks = _start(coalescer, kind, calls)
-    await _settle()
-    fake.gate.set()
+    answers = await _run_queued(fake, coalescer, kind, calls)
 
-    assert await asyncio.gather(*tasks) == [f"g:{item}" for _, item in calls]
+    assert answers == [f"g:{item}" for _, item in calls]
     assert fake.calls == [
         ("one", "g", ["x=0"]),
         ("many", "g", ["k=1", "j=1", "i=1"]),
@@ -814,14 +822,15 @@ async def test_coalescer_never_puts_two_calls_of_one_distinct_name_in_a_batch(lo
 
 async def test_coalescer_runs_a_refused_batch_again_one_call_at_a_time(loop_errors: list[Any]) -> None:
     fake = FakeStatements()
-    fake.gate.clear()
     fake.bad = {"b"}
     coalescer, kind = Coalescer(1), Kind(fake.one, fake.many)
-    tasks = _start(coalescer, kind, [("g", "x"), ("g", "a"), ("g", "b"), ("g", "c"), ("h", "d"), ("h", "e")])
-    await _settle()
-    fake.gate.set()
-
-    answers = await asyncio.gather(*tasks, return_exceptions=True)
+    answers = await _run_queued(
+        fake,
+        coalescer,
+        kind,
+        [("g", "x"), ("g", "a"), ("g", "b"), ("g", "c"), ("h", "d"), ("h", "e")],
+        return_exceptions=True,
+    )
 
     assert answers[:2] == ["g:x", "g:a"] and answers[3:] == ["g:c", "h:d", "h:e"]
     assert isinstance(answers[2], BadRequest) and answers[2].detail == "bad b"
@@ -837,14 +846,15 @@ async def test_coalescer_runs_a_refused_batch_again_one_call_at_a_time(loop_erro
 
 async def test_coalescer_fails_every_call_of_a_batch_that_breaks_otherwise(loop_errors: list[Any]) -> None:
     fake = FakeStatements()
-    fake.gate.clear()
     fake.broken = {"b"}
     coalescer, kind = Coalescer(1), Kind(fake.one, fake.many)
-    tasks = _start(coalescer, kind, [("g", "x"), ("g", "a"), ("g", "b"), ("g", "c"), ("h", "d"), ("h", "e")])
-    await _settle()
-    fake.gate.set()
-
-    answers = await asyncio.gather(*tasks, return_exceptions=True)
+    answers = await _run_queued(
+        fake,
+        coalescer,
+        kind,
+        [("g", "x"), ("g", "a"), ("g", "b"), ("g", "c"), ("h", "d"), ("h", "e")],
+        return_exceptions=True,
+    )
 
     assert answers[0] == "g:x" and answers[4:] == ["h:d", "h:e"]
     assert all(
