@@ -3,7 +3,7 @@
 Each call runs one autocommit statement on a pooled connection
 (``psycopg_pool.AsyncConnectionPool``), so a write is committed before it
 returns. Under load, reads and plain writes of one table share statements
-(``postgres_batches``): those that would wait for a connection go together.
+(``postgres_batches``): those that come while two statements run wait and go together.
 
 While the server is unreachable (down, restarting) calls fail at once
 with ``ServiceUnavailable`` naming it: a call that finds a pooled connection
@@ -337,7 +337,7 @@ class PostgresBackend(StoreBackend):
         self._probes = 0
         self._probing = asyncio.Lock()
         self._closed = False
-        # Reads and plain writes beyond what the pool's connections run wait to share a statement.
+        # Reads and plain writes that come while two statements run wait to share one.
         self._calls = Coalescer(address.pool_size)
         self._gets: Kind[str, Record | None] = Kind(self._get_one, self._get_many)
         self._puts: Kind[Record, int] = Kind(self._put_one, self._put_many, distinct=_key_of)

@@ -1,13 +1,22 @@
 """Coalescing the PostgreSQL store's calls: one statement for many reads, or many writes, of a table.
 
-While fewer statements run than the pool has connections, a call runs at
-once, alone: no wait, no task. Once every connection is busy, calls wait as
-they would for a connection, grouped by what they do and where (a read of
-table ``t``, a write to table ``t``), and when a statement finishes, the
-oldest group waiting goes as one statement of up to ``MAX_BATCH`` calls
-(``key = ANY(...)``, a multi-row ``INSERT ... ON CONFLICT``). Under load that
-is one statement where there were many: a statement's own cost, psycopg's
-work and the server's, is most of what a call costs (``bench/platform_profile.py``).
+While fewer than ``ALONE`` statements run, a call runs at once, alone: no
+wait, no task. Beyond that, calls wait, grouped by what they do and where (a
+read of table ``t``, a write to table ``t``). A group goes as one statement of
+up to ``MAX_BATCH`` calls (``key = ANY(...)``, a multi-row ``INSERT ... ON
+CONFLICT``) when fewer than ``ALONE`` statements run again, or at once, as an
+extra statement, if it holds ``BATCH_AT`` calls or more, up to as many
+statements as the pool has connections. Under load that is one statement
+where there were many: a statement's own cost, psycopg's work and the
+server's, is most of what a call costs.
+
+Why a group size and not the pool's size decides when another statement
+starts: the statements then running on the server follow the load (about the
+calls in flight / ``BATCH_AT``), not the number of daemons times their pools.
+Two daemons sharing one PostgreSQL did 0.87x the writes of one daemon taking
+the same load when each ran up to its 10 connections, since each batched half
+as deep; with this rule, 0.99x, and one daemon's writes went from 7,900/s to
+9,000-10,000/s (``bench/platform_profile.py``, 2 cores).
 
 Each call keeps its own answer: a read gets its record (or None), a write its
 version. A batch the engine refuses for a reason that may be one call's (a
@@ -25,8 +34,10 @@ from typing import Any, Generic, TypeVar
 
 from micro.errors import BadRequest
 
-__all__ = ["MAX_BATCH", "Coalescer", "Kind"]
+__all__ = ["ALONE", "BATCH_AT", "MAX_BATCH", "Coalescer", "Kind"]
 
+ALONE = 2  # statements a call may run beside, by itself; two, so one slow statement blocks nobody
+BATCH_AT = 8  # calls waiting that are worth a statement of their own beyond ALONE
 MAX_BATCH = 200
 
 T = TypeVar("T")
@@ -58,17 +69,19 @@ class _Waiting(Generic[T, R]):
 
 
 class Coalescer:
-    """Runs calls alone while fewer than ``limit`` statements run, else in batches (see above)."""
+    """Runs calls alone while fewer than ``ALONE`` statements run, else in batches, never more than
+    ``limit`` statements at once (see above)."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+        self._alone = min(ALONE, limit)
         self._running = 0
         self._waiting: dict[tuple[Kind[Any, Any], Hashable], list[_Waiting[Any, Any]]] = {}
         self._batches: set[asyncio.Task[None]] = set()
 
     async def run(self, kind: Kind[T, R], group: Hashable, item: T) -> R:
         """``item``'s answer, from a statement of its own or one shared with its ``group``."""
-        if self._running < self._limit and not self._waiting:
+        if self._running < self._alone and not self._waiting:
             self._running += 1
             try:
                 return await kind.one(group, item)
@@ -94,8 +107,8 @@ class Coalescer:
             await asyncio.gather(*self._batches, return_exceptions=True)
 
     def _dispatch(self) -> None:
-        while self._running < self._limit and self._waiting:
-            kind, group = key = next(iter(self._waiting))
+        while self._running < self._limit and (key := self._next_group()) is not None:
+            kind, group = key
             batch, rest = _take(self._waiting.pop(key), kind.distinct)
             if rest:
                 self._waiting[key] = rest  # at the end: other groups go first
@@ -104,6 +117,13 @@ class Coalescer:
                 task = asyncio.get_running_loop().create_task(self._run_batch(kind, group, batch))
                 self._batches.add(task)
                 task.add_done_callback(self._batches.discard)
+
+    def _next_group(self) -> tuple[Kind[Any, Any], Hashable] | None:
+        """The group to run next: the oldest while fewer than ``ALONE`` statements run, else the
+        oldest of ``BATCH_AT`` calls or more; None if none should go now."""
+        if self._running < self._alone:
+            return next(iter(self._waiting), None)
+        return next((key for key, calls in self._waiting.items() if len(calls) >= BATCH_AT), None)
 
     async def _run_batch(self, kind: Kind[T, R], group: Hashable, batch: list[_Waiting[T, R]]) -> None:
         try:

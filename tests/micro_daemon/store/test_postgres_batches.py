@@ -27,7 +27,7 @@ from micro.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from micro_daemon.store.backend import Field, Query, Record
 from micro_daemon.store.backends import postgres_batches
 from micro_daemon.store.backends.postgres import PostgresBackend, open_postgres
-from micro_daemon.store.backends.postgres_batches import MAX_BATCH, Coalescer, Kind
+from micro_daemon.store.backends.postgres_batches import ALONE, BATCH_AT, MAX_BATCH, Coalescer, Kind
 from tests.micro_daemon.store import test_postgres
 from tests.micro_daemon.store.test_postgres import with_params
 
@@ -747,14 +747,42 @@ async def _run_queued(
     return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
 
 
-async def test_coalescer_runs_alone_below_its_limit_and_never_more_at_once(loop_errors: list[Any]) -> None:
+async def test_coalescer_runs_alone_beside_fewer_than_alone_and_a_group_of_batch_at_beside_more(
+    loop_errors: list[Any],
+) -> None:
+    fake = FakeStatements()
+    fake.gate.clear()
+    coalescer, kind = Coalescer(4), Kind(fake.one, fake.many)
+    tasks = _start(coalescer, kind, [("a", "a0"), ("b", "b0")])
+    await _settle()
+    assert fake.calls == [("one", "a", ["a0"]), ("one", "b", ["b0"])]
+
+    a_calls = [("a", f"a{i}") for i in range(1, BATCH_AT + 1)]
+    tasks += _start(coalescer, kind, [*a_calls[:-1], ("b", "b1")])
+    await _settle()
+    assert len(fake.calls) == ALONE  # BATCH_AT - 1 calls of a, one of b: not worth a statement yet
+
+    tasks += _start(coalescer, kind, a_calls[-1:])
+    await _settle()
+    assert fake.calls[ALONE:] == [("many", "a", [item for _, item in a_calls])]
+    assert fake.running == ALONE + 1
+
+    fake.gate.set()
+    answers = await asyncio.gather(*tasks)
+    assert answers == ["a:a0", "b:b0"] + [f"a:{item}" for _, item in a_calls[:-1]] + [
+        "b:b1",
+        f"a:{a_calls[-1][1]}",
+    ]
+    assert fake.calls[-1] == ("one", "b", ["b1"])  # once fewer than ALONE ran
+
+
+async def test_coalescer_never_runs_more_than_its_limit_at_once(loop_errors: list[Any]) -> None:
     fake = FakeStatements()
     fake.gate.clear()
     coalescer, kind = Coalescer(3), Kind(fake.one, fake.many)
     calls = [(f"g{i % 4}", f"i{i}") for i in range(100)]
     tasks = _start(coalescer, kind, calls)
     await _settle()
-    assert fake.calls == [("one", group, [item]) for group, item in calls[:3]]
     assert fake.running == 3
 
     fake.gate.set()
@@ -766,6 +794,17 @@ async def test_coalescer_runs_alone_below_its_limit_and_never_more_at_once(loop_
     assert all(len({calls[int(item[1:])][0] for item in items}) == 1 for _, _, items in fake.calls)
     assert max(len(items) for _, _, items in fake.calls) > 1
     assert coalescer._running == 0 and coalescer._waiting == {}
+
+
+async def test_a_coalescer_of_limit_one_runs_one_statement_at_a_time(loop_errors: list[Any]) -> None:
+    fake = FakeStatements()
+    coalescer, kind = Coalescer(1), Kind(fake.one, fake.many)
+    calls = [("g", f"i{i}") for i in range(3 * BATCH_AT)]
+    answers = await _run_queued(fake, coalescer, kind, calls)
+
+    assert answers == [f"g:{item}" for _, item in calls]
+    assert fake.most_running == 1
+    assert [(how, len(items)) for how, _, items in fake.calls] == [("one", 1), ("many", len(calls) - 1)]
 
 
 async def test_coalescer_runs_the_oldest_group_first_and_a_leftover_after_the_others(
