@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any, cast
 
 from micro._hpack import Decoder, HPACKError
+from micro._reads import BufferedReads
 
 __all__ = [
     "CANCEL",
@@ -163,7 +164,7 @@ def flush() -> None:
         out.clear()
 
 
-class Connection(asyncio.Protocol):
+class Connection(BufferedReads):
     """One HTTP/2 connection, either side; subclasses implement ``on_*`` for streams and its end."""
 
     client = False  # the side that sends the preface and opens odd streams
@@ -206,7 +207,7 @@ class Connection(asyncio.Protocol):
     def on_closed(self) -> None:
         """The connection is gone: every stream still in ``streams`` ended with it."""
 
-    # -- asyncio.Protocol -----------------------------------------------------------------------
+    # -- asyncio, reading into the thread's buffer (BufferedReads) ------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses

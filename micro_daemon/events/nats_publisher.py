@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
+from micro._reads import BufferedReads
+
 __all__ = ["Answers", "Publisher", "Reply", "Unsupported"]
 
 RECONNECT_WAIT = 0.5  # seconds between attempts while the server is away
@@ -216,7 +218,7 @@ def _auth(user: str | None, password: str | None) -> dict[str, str]:
     return {}
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(BufferedReads):
     """One TCP connection to NATS: parses what the server sends, resolves the answers."""
 
     def __init__(
