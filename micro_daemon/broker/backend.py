@@ -38,6 +38,8 @@ ERROR_ID = "broker"
 MAX_TOPIC_LENGTH = 255
 MAX_MESSAGE_BYTES = 1024 * 1024
 _WILDCARDS = frozenset("*>")
+_VALID_TOPICS: set[str] = set()  # topics that passed: a service publishes to a few, again and again
+_VALID_TOPICS_LIMIT = 10_000
 
 
 def validate_topic(topic: str, *, id: str = ERROR_ID) -> str:
@@ -47,6 +49,8 @@ def validate_topic(topic: str, *, id: str = ERROR_ID) -> str:
     wildcards ``*`` and ``>``, made of non-empty segments separated by ``.``
     (``orders.created``).
     """
+    if topic in _VALID_TOPICS:
+        return topic
     if not topic:
         raise BadRequest("topic is empty: name the topic, e.g. 'orders.created'", id=id)
     if len(topic) > MAX_TOPIC_LENGTH:
@@ -60,6 +64,9 @@ def validate_topic(topic: str, *, id: str = ERROR_ID) -> str:
             raise BadRequest(f"invalid topic {topic!r}: wildcards ('*', '>') are not allowed", id=id)
     if "" in topic.split("."):
         raise BadRequest(f"invalid topic {topic!r}: segments separated by '.' must not be empty", id=id)
+    if len(_VALID_TOPICS) >= _VALID_TOPICS_LIMIT:
+        _VALID_TOPICS.clear()
+    _VALID_TOPICS.add(topic)
     return topic
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
@@ -32,13 +31,14 @@ from micro_daemon.events.backend import (
     Start,
     check_items,
     check_read,
+    new_ids,
     validate_topic,
 )
 from micro_daemon.events.group import Group
 from micro_daemon.events.log import Append, EventLog, GroupState, GroupWrite, TopicStats
 from micro_daemon.events.saving import SavedGroup, TopicState
 
-__all__ = ["EmbeddedEvents", "new_ids"]
+__all__ = ["EmbeddedEvents"]
 
 logger = logging.getLogger(__name__)
 _Key = tuple[str, str]
@@ -264,20 +264,6 @@ def _stored_event(append: Append, seq: int, timestamp: int) -> events_pb2.Event:
         timestamp=timestamp,
         sequence=seq,
     )
-
-
-def new_ids(count: int) -> list[str]:
-    """``count`` distinct random ids in UUID 4 form, at a fraction of ``uuid4()`` each: one random
-    value, the next ones counting up in its last 48 bits."""
-    first = int.from_bytes(os.urandom(16)) & ~_UUID4_FIXED | _UUID4_BITS
-    h = f"{first:032x}"
-    prefix, low = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-", first & _LOW48
-    return [f"{prefix}{(low + n) & _LOW48:012x}" for n in range(count)]
-
-
-_LOW48 = (1 << 48) - 1
-_UUID4_FIXED = (0xF << 76) | (0x3 << 62)  # the version and variant bits
-_UUID4_BITS = (0x4 << 76) | (0x2 << 62)
 
 
 def _forget_load(topic: TopicState, name: str, loading: asyncio.Future[Group]) -> None:

@@ -44,7 +44,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from micro_daemon.events.backend import (
     Retention,
     check_item,
     check_read,
+    new_ids,
     validate_topic,
 )
 from micro_daemon.events.jetstream_consumer import Member
@@ -166,7 +166,7 @@ class JetStreamEvents(EventsBackend):
 
     async def publish_many(self, namespace: str, items: Sequence[PublishItem]) -> list[tuple[str, int]]:
         self._check_open()
-        entries = [Entry(item, str(uuid.uuid4())) for item in items]
+        entries = [Entry(item, event_id) for item, event_id in zip(items, new_ids(len(items)), strict=True)]
         for entry in entries:
             self._check(entry)
         if not entries:

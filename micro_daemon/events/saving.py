@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from micro.errors import InternalServerError, MicroError, error_for_code
 from micro.proto import events_pb2
-from micro_daemon.events.backend import DEAD_LETTER_SUFFIX, ERROR_ID
+from micro_daemon.events.backend import DEAD_LETTER_SUFFIX, ERROR_ID, new_ids
 from micro_daemon.events.log import Append, GroupState, GroupWrite
 
 if TYPE_CHECKING:
@@ -246,7 +245,7 @@ def dead_letter(event: events_pb2.Event, attempts: int, reason: str) -> Append:
     )
     return Append(
         topic=event.topic + DEAD_LETTER_SUFFIX,
-        id=str(uuid.uuid4()),
+        id=new_ids(1)[0],
         payload=event.payload,
         metadata=metadata,
         timestamp_ns=0,

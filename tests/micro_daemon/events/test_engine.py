@@ -5,8 +5,7 @@ import uuid
 from typing import Any
 
 from micro.proto import events_pb2
-from micro_daemon.events.backend import ConsumeSpec
-from micro_daemon.events.engine import new_ids
+from micro_daemon.events.backend import ConsumeSpec, new_ids
 from micro_daemon.events.memory import MemoryEvents
 
 
