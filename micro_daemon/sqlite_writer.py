@@ -16,7 +16,10 @@ not checkpoint by itself (``wal_autocheckpoint=0``); after every
 ``_CHECKPOINT_ROWS`` rows written or ``_CHECKPOINT_BYTES`` the WAL grew by, the
 writer thread checkpoints through a connection of its own, alongside the writes
 (``PASSIVE``), and only if writes never let the WAL start over does it hold
-them off for a ``RESTART``.
+them off for a ``RESTART``. Should the WAL still reach ``_WAL_HOLD_BYTES``
+(a checkpoint's fsyncs slower than the loop's writes), short writes stop
+committing on the loop and queue behind that checkpoint: the WAL file stays
+bounded (``journal_size_limit`` trims it when it starts over).
 
 Both embedded engines are built on it: the store's
 (``micro_daemon.store.backends.sqlite``) and the events'
@@ -51,6 +54,7 @@ _BUSY_TIMEOUT = 5.0
 _CHECKPOINT_ROWS = 1000  # rows written between checkpoints ...
 _CHECKPOINT_BYTES = 4 * 1024 * 1024  # ... or bytes the WAL grew by (SQLite's default: 1000 pages)
 _RESTART_FRAMES = 4000  # a WAL that grew past this many pages (16 MiB) is made to start over
+_WAL_HOLD_BYTES = 32 * 1024 * 1024  # a WAL this big holds short writes off until it starts over
 _CHECKPOINT = object()  # queued to the writer thread: checkpoint
 
 
@@ -89,6 +93,8 @@ def _prepare(path: Path, schema: str, block: str, synchronous: str) -> sqlite3.C
             conn.execute(f"PRAGMA synchronous={synchronous}")
             if synchronous == "NORMAL":  # inline commits must not checkpoint (see the module docstring)
                 conn.execute("PRAGMA wal_autocheckpoint=0")
+                # A WAL that starts over is trimmed back, so its file's size tells how full it is.
+                conn.execute(f"PRAGMA journal_size_limit={_CHECKPOINT_BYTES}")
             conn.executescript(schema)
     except BaseException:
         conn.close()
@@ -125,6 +131,7 @@ class _Writer(threading.Thread):
         self._checkpointed = 0  # conn.total_changes at the last checkpoint request
         self._wal = f"{conn.execute('PRAGMA database_list').fetchone()[2]}-wal"
         self._wal_size = 0  # the WAL's size then
+        self.held = False  # the WAL reached _WAL_HOLD_BYTES: no inline writes until it starts over
 
     def run(self) -> None:
         try:
@@ -139,7 +146,7 @@ class _Writer(threading.Thread):
 
     def try_inline(self) -> bool:
         """Take the connection for a short write on the calling thread, if nothing waits for it."""
-        if self.checkpointer is None or self.submitted != self.taken:
+        if self.checkpointer is None or self.held or self.submitted != self.taken:
             return False
         return self.lock.acquire(blocking=False)
 
@@ -173,7 +180,10 @@ class _Writer(threading.Thread):
         except OSError:
             size = self._wal_size
         rows = self.conn.total_changes
-        if rows - self._checkpointed >= _CHECKPOINT_ROWS or size - self._wal_size >= _CHECKPOINT_BYTES:
+        due = rows - self._checkpointed >= _CHECKPOINT_ROWS or size - self._wal_size >= _CHECKPOINT_BYTES
+        if size >= _WAL_HOLD_BYTES and not self.held:
+            self.held = due = True  # short writes now queue behind the checkpoint that restarts it
+        if due:
             self._checkpointed, self._wal_size = rows, size
             self.queue.put(_CHECKPOINT)
 
@@ -219,11 +229,13 @@ class _Writer(threading.Thread):
         try:
             with contextlib.closing(self.checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")) as cursor:
                 _, frames, _ = cursor.fetchone()
-            if frames > _RESTART_FRAMES:  # inline writes wait in the queue meanwhile, not on the lock
+            if frames > _RESTART_FRAMES or self.held:  # inline writes wait in the queue meanwhile
                 with self.lock, contextlib.closing(self.conn.execute("PRAGMA wal_checkpoint(RESTART)")):
                     pass
         except sqlite3.Error as exc:
             logger.warning("checkpointing %s failed: %s", self.block, exc)
+        finally:
+            self.held = False
 
     def _commit(self, writes: list[_Write]) -> list[tuple[Any, MicroError | None]]:
         """Apply ``writes`` in one transaction: the result or error of each."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -12,6 +13,7 @@ from typing import TypeVar
 import pytest
 
 from micro.errors import BadRequest, InternalServerError
+from micro_daemon import sqlite_writer
 from micro_daemon.sqlite_writer import SQLiteFile
 
 T = TypeVar("T")
@@ -78,6 +80,26 @@ async def test_the_wal_is_checkpointed_with_short_writes_only(normal: SQLiteFile
         await _write_short(normal, apply)
     # The checkpoints run behind such writes, and restart the WAL: it stays bounded (about 45 MB here).
     assert wal.stat().st_size < 64 * 1024 * 1024
+
+
+async def test_a_slow_checkpoint_holds_short_writes_off_so_the_wal_stays_bounded(
+    normal: SQLiteFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = sqlite_writer._Writer._checkpoint
+
+    def slow_disk(writer: sqlite_writer._Writer) -> None:
+        time.sleep(0.3)  # the checkpoint's fsyncs on a busy disk; the loop goes on writing meanwhile
+        checkpoint(writer)
+
+    monkeypatch.setattr(sqlite_writer._Writer, "_checkpoint", slow_disk)
+    wal = normal.path.with_name("t.db-wal")
+    largest = 0
+    for key in range(8_000):  # 64 MB
+        _, apply = _insert(key, b"x" * 8000)
+        await _write_short(normal, apply)
+        largest = max(largest, wal.stat().st_size)
+    assert largest < sqlite_writer._WAL_HOLD_BYTES + 4 * 1024 * 1024
+    assert await _count(normal) == 8_000
 
 
 async def test_concurrent_writes_queue_behind_the_writer(normal: SQLiteFile) -> None:
