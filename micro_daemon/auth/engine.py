@@ -41,7 +41,7 @@ from micro_daemon.auth.tokens import (
     RefreshTokens,
     TokenIssuer,
     Verifier,
-    issued_time,
+    revoking_time,
 )
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class AuthEngine:
             issuer=namespace,
             secret_hash=await self.hasher.hash_async(secret),
             created=now,
-            not_before=issued_time(now),
+            not_before=revoking_time(now),  # a former account of this id: its tokens too
             scopes=check_scopes(scopes),
             metadata=check_metadata(metadata or {}),
             name=check_id(name, "account name") if name else account_id,
@@ -156,8 +156,14 @@ class AuthEngine:
             refresh_token = await self.refresh_tokens.issue(namespace, stored.id)
         else:
             raise BadRequest("give an id and a secret, or a refresh token", id="auth")
-        access, issued, expires = self.issuer.access_token(stored.account(), lifetime)
+        access, issued, expires = self.issuer.access_token(stored.account(), lifetime, stored.not_before)
         return IssuedToken(access, refresh_token, issued, expires)
+
+    async def access_token(self, account: Account, lifetime: int) -> tuple[str, float, float]:
+        """A signed token for ``account`` (``TokenIssuer.access_token``), stamped no earlier than
+        its ``not_before``: valid even when issued in the millisecond the account was made."""
+        stored = await self.accounts.get(account.issuer, account.id)
+        return self.issuer.access_token(stored.account(), lifetime, stored.not_before)
 
     async def inspect(self, token: str) -> Account:
         """The account of a valid access token; ``Unauthorized`` if invalid, expired or revoked."""
@@ -208,7 +214,7 @@ class AuthEngine:
         updated = replace(
             stored,
             secret_hash=await self.hasher.hash_async(new_secret),
-            not_before=issued_time(self._clock()),
+            not_before=revoking_time(self._clock()),
         )
         await self.accounts.update(updated)
         self.verifier.forget(namespace, account_id)

@@ -42,7 +42,7 @@ class OwnerCredential:
         account = await self._account()
         if account is None:
             return
-        token, _, expires = self.engine.issuer.access_token(account, OWNER_LIFETIME)
+        token, _, expires = await self.engine.access_token(account, OWNER_LIFETIME)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = {"account": account.id, "namespace": account.issuer, "access_token": token, "expiry": expires}
         write_private(self.path, json.dumps(data).encode())

@@ -37,7 +37,7 @@ class ServiceAccounts:
             return {}
         account = await self._account(namespace, service)
         refresh = await self.engine.refresh_tokens.issue(namespace, account.id)
-        access, _, expires = self.engine.issuer.access_token(account, self.engine.issuer.lifetime)
+        access, _, expires = await self.engine.access_token(account, self.engine.issuer.lifetime)
         return {
             TOKEN_ENV: access,
             REFRESH_TOKEN_ENV: refresh,

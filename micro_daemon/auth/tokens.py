@@ -52,6 +52,7 @@ __all__ = [
     "Verifier",
     "hash_refresh_token",
     "issued_time",
+    "revoking_time",
 ]
 
 DATABASE = SYSTEM_DATABASE
@@ -66,6 +67,13 @@ _MAX_CACHED_ACCOUNTS = 10_000
 def issued_time(now: float) -> float:
     """``now`` truncated to the millisecond: how ``iat`` and ``not_before`` are both kept."""
     return math.floor(now * 1000) / 1000
+
+
+def revoking_time(now: float) -> float:
+    """The ``not_before`` that revokes every token issued up to ``now``, in its millisecond too:
+    the next millisecond. Tokens issued later are stamped no earlier (``TokenIssuer.access_token``),
+    so one issued right after a secret changed is valid, and one issued right before is not."""
+    return (math.floor(now * 1000) + 1) / 1000
 
 
 @dataclass(frozen=True)
@@ -99,11 +107,14 @@ class TokenIssuer:
             )
         return requested
 
-    def access_token(self, account: Account, lifetime: int) -> tuple[str, float, float]:
-        """A signed token for ``account`` living ``lifetime`` seconds, with its ``iat`` and ``exp``."""
+    def access_token(
+        self, account: Account, lifetime: int, not_before: float = 0.0
+    ) -> tuple[str, float, float]:
+        """A signed token for ``account`` living ``lifetime`` seconds, with its ``iat`` and ``exp``;
+        ``iat`` is ``not_before`` (the account's) if that is later than now."""
         import jwt
 
-        issued = issued_time(self._clock())
+        issued = max(issued_time(self._clock()), not_before)
         expires = math.floor(issued) + lifetime
         claims = {
             "sub": account.id,

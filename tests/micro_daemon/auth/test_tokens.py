@@ -16,6 +16,7 @@ from micro_daemon.auth.tokens import (
     TokenIssuer,
     Verifier,
     issued_time,
+    revoking_time,
 )
 from micro_daemon.store.backend import Query
 
@@ -165,6 +166,20 @@ async def test_tokens_issued_before_not_before_are_refused(verifier, issuer, acc
     with pytest.raises(Unauthorized, match="revoked"):
         await verifier.verify(old)
     assert await verifier.verify(issuer.access_token(ALICE, 900)[0]) == ALICE  # same millisecond: accepted
+
+
+async def test_revoking_in_the_millisecond_a_token_was_issued_refuses_it_and_not_the_next(
+    verifier, issuer, accounts, clock
+):
+    old = issuer.access_token(ALICE, 900)[0]
+    not_before = revoking_time(clock())  # a secret changed in the same millisecond
+    accounts.not_before[("ns", "alice")] = not_before
+    verifier.forget("ns", "alice")
+    with pytest.raises(Unauthorized, match="revoked"):
+        await verifier.verify(old)
+    token, issued, _ = issuer.access_token(ALICE, 900, not_before)  # signing in again at once
+    assert issued == not_before > issued_time(clock())
+    assert await verifier.verify(token) == ALICE
 
 
 async def test_a_lookup_that_raced_a_forget_is_not_cached(verifier, issuer, accounts):
