@@ -312,14 +312,36 @@ class EventsBackend(abc.ABC):
 
 
 def new_ids(count: int) -> list[str]:
-    """``count`` distinct random ids in UUID 4 form, at a fraction of ``uuid4()`` each: one random
-    value, the next ones counting up in its last 48 bits."""
-    first = int.from_bytes(os.urandom(16)) & ~_UUID4_FIXED | _UUID4_BITS
-    h = f"{first:032x}"
-    prefix, low = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-", first & _LOW48
-    return [f"{prefix}{(low + n) & _LOW48:012x}" for n in range(count)]
+    """``count`` distinct ids in UUID 4 form, at a fraction of ``uuid4()`` each.
+
+    A process draws one random value (again after a fork) and counts up from it in the last 48
+    bits: ids are unique in a process by the count, and across processes and daemons by the 74
+    random bits of the rest, and making one costs no system call. They are not secrets.
+    """
+    global _next_id
+    first = _next_id
+    _next_id = first + count
+    if _next_id > _LOW48:
+        _reseed()
+        return new_ids(count)
+    h = f"{_id_base | first:032x}"
+    prefix = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-"
+    return [f"{prefix}{n:012x}" for n in range(first, first + count)]
 
 
 _LOW48 = (1 << 48) - 1
 _UUID4_FIXED = (0xF << 76) | (0x3 << 62)  # the version and variant bits
 _UUID4_BITS = (0x4 << 76) | (0x2 << 62)
+_id_base = 0
+_next_id = 0
+
+
+def _reseed() -> None:
+    """A new random base for ``new_ids``, counting from a random point below half its range."""
+    global _id_base, _next_id
+    value = int.from_bytes(os.urandom(16)) & ~_UUID4_FIXED | _UUID4_BITS
+    _id_base, _next_id = value & ~_LOW48, value & (_LOW48 >> 1)
+
+
+_reseed()
+os.register_at_fork(after_in_child=_reseed)

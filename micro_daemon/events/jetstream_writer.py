@@ -24,7 +24,6 @@ import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 
 from micro.errors import MicroError, ServiceUnavailable
 from micro_daemon.events.backend import ERROR_ID, PublishItem
@@ -50,20 +49,19 @@ _CONFLICTS = {WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID}
 _PLAIN_ACK = re.compile(rb'\{"stream":"[^"\\]*",(?:"domain":"[^"\\]*",)?"seq":(\d+)\}')
 
 
-@dataclass
 class Entry:
     """One event waiting to be appended; ``done`` gets its topic sequence.
 
     ``headers`` are its event headers (``event_headers``), made once: a burst only sets the sequence.
     """
 
-    item: PublishItem
-    id: str
-    headers: dict[str, str] = field(init=False)
-    done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    __slots__ = ("done", "headers", "id", "item")
 
-    def __post_init__(self) -> None:
-        self.headers = event_headers(self.id, 0, self.item.metadata, self.item.timestamp_ns)
+    def __init__(self, item: PublishItem, id: str) -> None:
+        self.item = item
+        self.id = id
+        self.headers = event_headers(id, 0, item.metadata, item.timestamp_ns)
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
 
 def _retrieve(future: asyncio.Future[int]) -> None:
