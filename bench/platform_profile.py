@@ -510,7 +510,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=4000, help="store calls per operation at 50 in flight")
     parser.add_argument("--seq-calls", type=int, default=600, help="store calls per operation at 1 in flight")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved store rounds (6)")
-    parser.add_argument("--single", type=int, default=900, help="single publishes over all rounds (900)")
+    parser.add_argument("--single", type=int, default=3000, help="single publishes over all rounds (3000)")
     parser.add_argument("--bulk", type=int, default=10_000, help="events per bulk round (10000)")
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds of each scale-out phase (2)")
     parser.add_argument("--scale-rounds", type=int, default=5, help="interleaved scale-out rounds (5)")
