@@ -8,6 +8,7 @@ import pytest
 from micro.errors import BadRequest, PayloadTooLarge, TooManyRequests
 from micro.proto import broker_pb2
 from micro.testing.messaging import BrokerContract
+from micro_daemon.broker import backend
 from micro_daemon.broker.backend import BrokerBackend, validate_topic
 from micro_daemon.broker.memory import MemoryBroker
 
@@ -67,3 +68,14 @@ def test_validate_topic_explains() -> None:
     with pytest.raises(BadRequest) as caught:
         validate_topic("")
     assert caught.value.id == "broker"
+
+
+def test_validate_topic_remembers_only_valid_topics_and_a_bounded_number() -> None:
+    for i in range(backend._VALID_TOPICS_LIMIT + 5):
+        validate_topic(f"orders.{i}")
+    assert len(backend._VALID_TOPICS) <= backend._VALID_TOPICS_LIMIT
+    assert validate_topic("orders.1") == "orders.1"
+    for bad in ("a.*", "a..b", "a b", ""):
+        for _ in range(2):  # a refusal is never remembered as valid
+            with pytest.raises(BadRequest):
+                validate_topic(bad)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from typing import Any
 
 from micro.proto import events_pb2
+from micro_daemon.events import backend as events_backend
 from micro_daemon.events.backend import ConsumeSpec, new_ids
 from micro_daemon.events.memory import MemoryEvents
 
@@ -17,6 +19,30 @@ def test_new_ids_are_distinct_uuid4s() -> None:
         assert str(parsed) == value
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
     assert new_ids(0) == []
+
+
+def test_a_forked_process_draws_ids_of_its_own() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without the test runner's exit handlers
+        os.write(write, " ".join(new_ids(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split()
+    ours = new_ids(3)
+    assert len(theirs) == 3
+    assert not set(theirs) & set(ours)
+    assert {value[:24] for value in theirs}.isdisjoint(value[:24] for value in ours)  # another base
+
+
+def test_ids_go_on_from_a_new_base_when_the_count_runs_out(monkeypatch: Any) -> None:
+    monkeypatch.setattr(events_backend, "_next_id", events_backend._LOW48 - 1)
+    ids = new_ids(4)
+    assert len(set(ids)) == 4
+    assert all(uuid.UUID(value).version == 4 for value in ids)
+    assert events_backend._next_id < events_backend._LOW48 // 2 + 4
 
 
 async def test_a_caught_up_group_gets_new_events_without_reading_the_log(monkeypatch: Any) -> None:
