@@ -104,8 +104,35 @@ def _prepare(path: Path, schema: str, block: str, synchronous: str) -> sqlite3.C
 
 @dataclass(frozen=True)
 class _Write:
+    """A write queued to the writer thread; ``future`` belongs to ``loop``, which alone settles it."""
+
     apply: Callable[[sqlite3.Connection], Any]
-    future: concurrent.futures.Future[Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+Outcome = tuple[Any, BaseException | None]  # a write's result, or why it failed
+
+
+def _settle(settled: list[tuple[asyncio.Future[Any], Outcome]]) -> None:
+    """On the writes' loop: give each caller still waiting its outcome."""
+    for future, (result, error) in settled:
+        if future.done():  # the caller gave up after the writer took it: committed all the same
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _hand_back(writes: list[_Write], outcomes: list[Outcome]) -> None:
+    """Send ``outcomes`` to the writes' loops, one callback per loop (not one wake-up per write)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Outcome]]] = {}
+    for write, outcome in zip(writes, outcomes, strict=True):
+        by_loop.setdefault(write.loop, []).append((write.future, outcome))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle, settled)
 
 
 class _Writer(threading.Thread):
@@ -189,15 +216,13 @@ class _Writer(threading.Thread):
 
     def _step(self) -> bool:
         batch, running, checkpoint = self._take()
-        writes = [write for write in batch if write.future.set_running_or_notify_cancel()]
+        # A caller that gave up before this took its write drops it (a cancelled future only ever
+        # stays cancelled, so reading that from this thread is safe); after, the write commits.
+        writes = [write for write in batch if not write.future.cancelled()]
         if writes:
             with self.lock:
                 outcomes = self._commit(writes)
-            for write, (result, error) in zip(writes, outcomes, strict=True):  # the connection is free
-                if error is None:
-                    write.future.set_result(result)
-                else:
-                    write.future.set_exception(error)
+            _hand_back(writes, outcomes)  # the connection is free
         if checkpoint:
             self._checkpoint()
         return running
@@ -237,7 +262,7 @@ class _Writer(threading.Thread):
         finally:
             self.held = False
 
-    def _commit(self, writes: list[_Write]) -> list[tuple[Any, MicroError | None]]:
+    def _commit(self, writes: list[_Write]) -> list[Outcome]:
         """Apply ``writes`` in one transaction: the result or error of each."""
         try:
             with map_sqlite_exceptions(self.block):
@@ -250,7 +275,7 @@ class _Writer(threading.Thread):
         self._committed()
         return outcomes
 
-    def _apply(self, write: _Write) -> tuple[Any, MicroError | None]:
+    def _apply(self, write: _Write) -> Outcome:
         self.conn.execute("SAVEPOINT write")
         try:
             with map_sqlite_exceptions(self.block):
@@ -270,11 +295,16 @@ class _Writer(threading.Thread):
                 self.conn.execute("ROLLBACK")
 
     def _fail_leftovers(self) -> None:
+        leftovers: list[_Write] = []
         with contextlib.suppress(queue.Empty):
             while True:
                 write = self.queue.get_nowait()
-                if isinstance(write, _Write) and write.future.set_running_or_notify_cancel():
-                    write.future.set_exception(ServiceUnavailable(f"{self.block} is closed", id=self.block))
+                if isinstance(write, _Write):
+                    leftovers.append(write)
+        closed: list[Outcome] = [
+            (None, ServiceUnavailable(f"{self.block} is closed", id=self.block)) for _ in leftovers
+        ]
+        _hand_back(leftovers, closed)
 
     def _copy_error(self, exc: Exception) -> MicroError:
         # Every waiting caller gets its own exception object (tracebacks are per raise).
@@ -398,10 +428,11 @@ class SQLiteFile:
         that, the write still commits.
         """
         writer = self._open_writer()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
         writer.submitted += 1
-        writer.queue.put(_Write(apply, future))
-        return await asyncio.wrap_future(future)
+        writer.queue.put(_Write(apply, future, loop))
+        return await future
 
     def _open_writer(self) -> _Writer:
         if self._closed or self._writer is None:
