@@ -2,9 +2,9 @@
 
 asyncio reads a plain ``Protocol``'s socket with ``recv(256 KiB)``: a new
 256 KiB bytes object per read, which glibc's malloc serves with ``mmap``,
-shrinks with ``mremap`` and frees with ``munmap``, page faults included. That
-was half of the client's system time on a publish through the daemon
-(``bench/platform_profile.py``: 50 of 100 µs of CPU per call; 21 with this).
+shrinks with ``mremap`` and frees with ``munmap``, page faults included. In a
+client publishing one event at a time through the daemon that was 50 of its 100
+µs of CPU per publish, most of it system time; 75 µs in all with this.
 A ``BufferedProtocol`` reads into a buffer it lends instead; lending one per
 thread is safe because asyncio reads into it and hands the bytes over in one
 callback, before any other read of that thread's loop.

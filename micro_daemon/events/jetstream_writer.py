@@ -24,6 +24,7 @@ import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from micro.errors import MicroError, ServiceUnavailable
 from micro_daemon.events.backend import ERROR_ID, PublishItem
@@ -45,7 +46,6 @@ MAX_ROUNDS = 30
 MAX_KNOWN_TOPICS = 100_000
 CHAIN_HEADERS_BYTES = 160  # room the chain headers and the sequence take next to the event's own
 _CONFLICTS = {WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID}
-# The usual answer, stored and nothing else to say: its sequence without a JSON parse.
 _PLAIN_ACK = re.compile(rb'\{"stream":"[^"\\]*",(?:"domain":"[^"\\]*",)?"seq":(\d+)\}')
 
 
@@ -241,12 +241,7 @@ class NamespaceWriter:
             if not answer.done() or answer.cancelled() or answer.exception() is not None:
                 _cancel(answers[index:])
                 return pending[index:]  # unknown outcome: resend, de-duplicated by id
-            msg = answer.result()
-            if (plain := _PLAIN_ACK.fullmatch(msg.data)) is not None:
-                self._resolve(entry, assigned[index])
-                self._last_seq = int(plain[1])
-                continue
-            ack = {} if status(msg) == "503" else json.loads(msg.data)  # 503: no stream (deleted)
+            ack = _ack(answer.result())
             error = ack.get("error") if ack else {"err_code": WRONG_LAST_SEQUENCE}
             if error and error.get("err_code") in _CONFLICTS:
                 _cancel(answers[index:])
@@ -270,6 +265,14 @@ class NamespaceWriter:
         self._topics[entry.item.topic] = max(self._topics.get(entry.item.topic, 0), seq)
         if not entry.done.done():
             entry.done.set_result(seq)
+
+
+def _ack(msg: Reply) -> dict[str, Any]:
+    """JetStream's answer to a publish, ``{}`` for a 503 (no stream: deleted). The usual one,
+    stored and nothing else to say, is read without a JSON parse."""
+    if (plain := _PLAIN_ACK.fullmatch(msg.data)) is not None:
+        return {"seq": int(plain[1])}
+    return {} if status(msg) == "503" else json.loads(msg.data)
 
 
 async def _answered(answers: Sequence[asyncio.Future[Reply]]) -> None:

@@ -859,6 +859,10 @@ async def test_coalescer_never_puts_two_calls_of_one_distinct_name_in_a_batch(lo
     ]
 
 
+# One call alone, then a batch of a, b and c (b is the one made to fail), then a batch of d and e.
+_ONE_BAD_IN_A_BATCH = [("g", "x"), ("g", "a"), ("g", "b"), ("g", "c"), ("h", "d"), ("h", "e")]
+
+
 async def test_coalescer_runs_a_refused_batch_again_one_call_at_a_time(loop_errors: list[Any]) -> None:
     fake = FakeStatements()
     fake.bad = {"b"}
@@ -867,7 +871,7 @@ async def test_coalescer_runs_a_refused_batch_again_one_call_at_a_time(loop_erro
         fake,
         coalescer,
         kind,
-        [("g", "x"), ("g", "a"), ("g", "b"), ("g", "c"), ("h", "d"), ("h", "e")],
+        _ONE_BAD_IN_A_BATCH,
         return_exceptions=True,
     )
 
@@ -891,7 +895,7 @@ async def test_coalescer_fails_every_call_of_a_batch_that_breaks_otherwise(loop_
         fake,
         coalescer,
         kind,
-        [("g", "x"), ("g", "a"), ("g", "b"), ("g", "c"), ("h", "d"), ("h", "e")],
+        _ONE_BAD_IN_A_BATCH,
         return_exceptions=True,
     )
 
