@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -19,6 +21,30 @@ PROTOS = Path(__file__).resolve().parent / "protos"
 # signal is back to its default in a child, where Python turns it into KeyboardInterrupt.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+KEEPER_STREAM = "MICRO_TESTS_KEEPER"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Keep one stream on the shared NATS for good: nats-server 2.9 removes an account's folder
+    with its last stream, and a stream another test worker creates meanwhile then fails with
+    "error creating store for stream" (mkdir .../$G/streams: no such file). Tests delete their
+    own streams, so without this one the count reaches 0 now and then. Nothing if NATS is away."""
+    asyncio.run(_keep_a_stream(os.environ.get("MICRO_TEST_NATS", "nats://127.0.0.1:4222")))
+
+
+async def _keep_a_stream(url: str) -> None:
+    import nats
+
+    with contextlib.suppress(Exception):
+        connection = await nats.connect(
+            url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0
+        )
+        try:
+            await connection.jetstream().add_stream(name=KEEPER_STREAM, subjects=["micro_tests_keeper"])
+        finally:
+            await connection.close()
 
 
 @pytest.fixture(autouse=True)
