@@ -352,11 +352,24 @@ class JetStreamEvents(EventsBackend):
         except ApiError as exc:
             if exc.err_code != STREAM_NOT_FOUND:
                 raise
-            info = await self.link.api(
-                f"STREAM.CREATE.{stream}", self.names.stream_config(namespace, self.replicas)
-            )
+            info = await self._create_stream(namespace)
         self._streams.add(stream)
         return int(info["state"]["last_seq"])
+
+    async def _create_stream(self, namespace: str) -> dict[str, Any]:
+        """Create the namespace's stream; its info. Another daemon creating it at the same moment
+        makes JetStream refuse this one ("subjects overlap with an existing stream", or "already in
+        use"): then the stream is there, and that is what was wanted."""
+        stream = self.names.stream(namespace)
+        try:
+            return await self.link.api(
+                f"STREAM.CREATE.{stream}", self.names.stream_config(namespace, self.replicas)
+            )
+        except ApiError as refused:
+            try:
+                return await self.link.api(f"STREAM.INFO.{stream}")
+            except ApiError:
+                raise refused from None
 
     async def _exists(self, namespace: str) -> bool:
         stream = self.names.stream(namespace)

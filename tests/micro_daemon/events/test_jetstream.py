@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -24,6 +25,7 @@ from micro.errors import ServiceUnavailable, SetupError
 from micro.testing.messaging import EventsContract
 from micro_daemon.events.backend import ConsumeSpec, EventsBackend, PublishItem, Retention, Start
 from micro_daemon.events.jetstream import JetStreamEvents, open_jetstream
+from micro_daemon.events.jetstream_wire import STREAM_NOT_FOUND, ApiError
 from tests._engines import PrivateNats
 
 NATS_URL = os.environ.get("MICRO_TEST_NATS", "nats://127.0.0.1:4222")
@@ -162,6 +164,34 @@ async def test_concurrent_writers_keep_topic_sequences_contiguous(
     for name, seqs in (("a", first), ("b", second)):
         mine = [event for event in stored if event.payload.startswith(name.encode())]
         assert [event.sequence for event in mine] == seqs  # each publisher's events in its order
+
+
+async def test_a_stream_another_daemon_created_meanwhile_is_used(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await _open(address)
+    await first.publish(NS, "t", b"x")
+    stream = first.names.stream(NS)
+    # Made by another daemon, a little differently: creating it again is refused.
+    await first.link.api(
+        f"STREAM.UPDATE.{stream}", {**first.names.stream_config(NS, 1), "description": "another daemon's"}
+    )
+    second = await _open(address)
+    api, asked = second.link.api, []
+
+    async def racing(call: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        if call == f"STREAM.INFO.{stream}" and not asked:  # absent when asked, there when created
+            asked.append(call)
+            raise ApiError(404, STREAM_NOT_FOUND, "stream not found")
+        return await api(call, body)
+
+    monkeypatch.setattr(second.link, "api", racing)
+    try:
+        assert (await second.publish(NS, "t", b"y"))[1] == 2
+        assert asked
+    finally:
+        await second.close()
+        await first.close()
 
 
 async def test_sequences_continue_after_retention_emptied_a_topic(address: str) -> None:
