@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -67,6 +68,7 @@ WRONG_LAST_MSG_ID = 10070
 WRONG_LAST_SEQUENCE = 10071
 _STATUS = "Status"
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options makes one a call
+_json_string = encode_basestring_ascii  # a str as a JSON string (ASCII, escaped), as JSONEncoder writes it
 logger = logging.getLogger(__name__)
 
 
@@ -136,10 +138,21 @@ def event_headers(event_id: str, seq: int, metadata: Mapping[str, str], timestam
     """The headers that carry an event's id, sequence, metadata and timestamp."""
     headers = {HEADER_ID: event_id, HEADER_SEQ: str(seq)}
     if metadata:
-        headers[HEADER_META] = _COMPACT_JSON.encode(dict(metadata))
+        headers[HEADER_META] = metadata_json(metadata)
     if timestamp_ns:
         headers[HEADER_TIME] = str(timestamp_ns)
     return headers
+
+
+def metadata_json(metadata: Mapping[str, str]) -> str:
+    """``metadata`` as compact JSON, what ``json.dumps(metadata, separators=(",", ":"))`` writes.
+
+    Its strings written directly: a third of what a ``JSONEncoder`` call costs, once per event.
+    """
+    try:
+        return "{" + ",".join([f"{_json_string(k)}:{_json_string(v)}" for k, v in metadata.items()]) + "}"
+    except TypeError:  # not all strings after all: JSON's own rules
+        return _COMPACT_JSON.encode(dict(metadata))
 
 
 def headers_size(headers: Mapping[str, str]) -> int:

@@ -46,7 +46,8 @@ MAX_ROUNDS = 30
 MAX_KNOWN_TOPICS = 100_000
 CHAIN_HEADERS_BYTES = 160  # room the chain headers and the sequence take next to the event's own
 _CONFLICTS = {WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID}
-_PLAIN_ACK = re.compile(rb'\{"stream":"[^"\\]*",(?:"domain":"[^"\\]*",)?"seq":(\d+)\}')
+# nats-server writes ``{"stream":"S", "seq":N}``, a space after the comma; others may not.
+_PLAIN_ACK = re.compile(rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?"seq": ?(\d+)\}')
 
 
 class Entry:

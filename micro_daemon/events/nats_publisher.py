@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
-from micro._reads import BufferedReads
+from micro._reads import BufferedReads, ReadFuture
 
 __all__ = ["Answers", "Publisher", "Reply", "Unsupported"]
 
@@ -68,7 +68,7 @@ class Answers(Generic[K]):
 
     def expect(self, token: K) -> asyncio.Future[Reply]:
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Reply] = loop.create_future()
+        answer: asyncio.Future[Reply] = ReadFuture(loop=loop)  # its waiter resumes as the read ends
         self._waiting[token] = (answer, loop.time() + self._timeout)
         if self._sweep is None:
             self._sweep = loop.call_later(self._timeout, self._expire)

@@ -21,6 +21,15 @@ def test_new_ids_are_distinct_uuid4s() -> None:
     assert new_ids(0) == []
 
 
+def test_ids_made_one_at_a_time_count_up_from_one_base() -> None:
+    ids = [new_ids(1)[0] for _ in range(3)]
+    assert [int(value.rpartition("-")[2], 16) for value in ids] == [
+        int(ids[0].rpartition("-")[2], 16) + i for i in range(3)
+    ]
+    assert {value[:24] for value in ids} == {ids[0][:24]}
+    assert all(uuid.UUID(value).version == 4 for value in ids)
+
+
 def test_a_forked_process_draws_ids_of_its_own() -> None:
     read, write = os.pipe()
     pid = os.fork()

@@ -25,7 +25,9 @@ from micro.errors import ServiceUnavailable, SetupError
 from micro.testing.messaging import EventsContract
 from micro_daemon.events.backend import ConsumeSpec, EventsBackend, PublishItem, Retention, Start
 from micro_daemon.events.jetstream import JetStreamEvents, open_jetstream
-from micro_daemon.events.jetstream_wire import STREAM_NOT_FOUND, ApiError
+from micro_daemon.events.jetstream_wire import STREAM_NOT_FOUND, ApiError, metadata_json
+from micro_daemon.events.jetstream_writer import _PLAIN_ACK, _ack
+from micro_daemon.events.nats_publisher import Reply
 from tests._engines import PrivateNats
 
 NATS_URL = os.environ.get("MICRO_TEST_NATS", "nats://127.0.0.1:4222")
@@ -192,6 +194,46 @@ async def test_a_stream_another_daemon_created_meanwhile_is_used(
     finally:
         await second.close()
         await first.close()
+
+
+async def test_the_servers_usual_ack_is_read_without_a_json_parse(address: str) -> None:
+    # The writer's fast path must match what this nats-server really sends, spacing included:
+    # a pattern that never matches costs a json.loads per publish and no test would fail.
+    prefix = address.rpartition("prefix=")[2]
+    stream = f"{prefix.upper()}_EVENTS_ACKS"
+    nc = await nats.connect(NATS_URL)
+    try:
+        config = {"name": stream, "subjects": [f"{prefix}.acks"], "storage": "memory"}
+        await nc.request(f"$JS.API.STREAM.CREATE.{stream}", json.dumps(config).encode(), timeout=5)
+        answer = await nc.request(f"{prefix}.acks", b"x", timeout=5)
+    finally:
+        await nc.close()
+    plain = _PLAIN_ACK.fullmatch(answer.data)
+    assert plain is not None, answer.data
+    assert _ack(Reply(None, answer.data)) == {"seq": json.loads(answer.data)["seq"]} == {"seq": 1}
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{}, {"Content-Type": "application/json"}, {'é"\\': "line\nbreak\u2028 \x00"}, {"n": 5}],  # type: ignore[dict-item]
+)
+def test_metadata_is_written_as_json_dumps_writes_it(metadata: dict[str, str]) -> None:
+    assert metadata_json(metadata) == json.dumps(metadata, separators=(",", ":"))
+
+
+@pytest.mark.parametrize(
+    ("data", "fast"),
+    [
+        (b'{"stream":"S", "seq":7}', True),
+        (b'{"stream":"S","seq":7}', True),
+        (b'{"stream":"S", "domain":"hub", "seq":7}', True),
+        (b'{"stream":"S", "seq":7, "duplicate":true}', False),
+        (b'{"error":{"code":503,"err_code":10077,"description":"wrong last sequence"}}', False),
+    ],
+)
+def test_an_ack_with_more_to_say_is_parsed(data: bytes, fast: bool) -> None:
+    assert (_PLAIN_ACK.fullmatch(data) is not None) is fast
+    assert _ack(Reply(None, data)) == (json.loads(data) if not fast else {"seq": 7})
 
 
 async def test_sequences_continue_after_retention_emptied_a_topic(address: str) -> None:
