@@ -23,7 +23,7 @@ from collections import deque
 from typing import Any, cast
 
 from micro._hpack import Decoder, HPACKError
-from micro._reads import BufferedReads
+from micro._reads import BufferedReads, ReadFuture
 
 __all__ = [
     "CANCEL",
@@ -99,7 +99,7 @@ class Wakeup:
         self._future: asyncio.Future[None] | None = None
 
     async def wait(self) -> None:
-        self._future = asyncio.get_running_loop().create_future()
+        self._future = ReadFuture(loop=asyncio.get_running_loop())  # set by a read: resumes as it ends
         await self._future
 
     def set(self) -> None:

@@ -16,6 +16,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 
+from micro._reads import ReadFuture
 from micro.client import Client, OpenBidi
 from micro.context import current_context
 from micro.errors import MicroError, ServiceUnavailable, Timeout, error_for_code
@@ -65,7 +66,7 @@ class _Stream:
             self.reader = self.loop.create_task(self._read(answers))
 
     def send(self, request: events_pb2.PublishRequest) -> asyncio.Future[events_pb2.PublishResult]:
-        answer = self.loop.create_future()
+        answer: asyncio.Future[events_pb2.PublishResult] = ReadFuture(loop=self.loop)  # see ReadFuture
         self.queued.events.append(request)
         self.queued_answers.append(answer)
         if self.direct is not None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 
-from micro._reads import READ_SIZE, BufferedReads
+import pytest
+
+from micro._reads import READ_SIZE, BufferedReads, ReadFuture
 
 
 class Collect(BufferedReads):
@@ -73,3 +76,121 @@ def test_loops_in_several_threads_read_at_once_without_mixing_their_bytes() -> N
     assert sorted(results) == [0, 1, 2]
     for sent, got in results.values():
         assert got == sent
+
+
+class Answer(BufferedReads):
+    """Completes ``pending`` with each read's bytes, and notes when the read callback's own
+    ``call_soon`` ran: what ran before it ran within the read."""
+
+    def __init__(self, order: list[str], fail: bool = False) -> None:
+        self.order = order
+        self.fail = fail
+        self.pending: asyncio.Future[bytes] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        asyncio.get_running_loop().call_soon(self.order.append, "next turn")
+        if self.pending is not None and not self.pending.done():
+            if self.fail:
+                self.pending.set_exception(ConnectionResetError("refused"))
+            else:
+                self.pending.set_result(data)
+
+
+async def _answered_after(make: type[asyncio.Future[bytes]], fail: bool = False) -> list[str]:
+    """Where a task waiting for a read resumes: the order of its step and the loop's next turn."""
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    theirs, ours = socket.socketpair()
+    protocol = Answer(order, fail)
+    transport, _ = await loop.create_connection(lambda: protocol, sock=ours)
+    protocol.pending = make(loop=loop)
+
+    async def wait() -> None:
+        assert protocol.pending is not None
+        try:
+            order.append(f"resumed with {await protocol.pending!r}")
+        except ConnectionResetError as exc:
+            order.append(f"resumed with {exc}")
+
+    waiting = loop.create_task(wait())
+    await asyncio.sleep(0)
+    theirs.send(b"hi")
+    await asyncio.wait_for(waiting, 5)
+    await asyncio.sleep(0)
+    transport.close()
+    theirs.close()
+    return order
+
+
+async def test_a_task_waiting_for_a_read_future_resumes_within_the_read() -> None:
+    assert await _answered_after(ReadFuture) == ["resumed with b'hi'", "next turn"]
+    assert await _answered_after(ReadFuture, fail=True) == ["resumed with refused", "next turn"]
+    # a plain future's waiter waits for the loop's next turn, behind what the read scheduled
+    assert await _answered_after(asyncio.Future) == ["next turn", "resumed with b'hi'"]
+
+
+async def test_a_read_future_completed_outside_a_read_is_an_ordinary_future() -> None:
+    loop = asyncio.get_running_loop()
+    future: ReadFuture[int] = ReadFuture(loop=loop)
+    loop.call_later(0.01, future.set_result, 7)
+    assert await future == 7
+
+    later: ReadFuture[int] = ReadFuture(loop=loop)
+    seen: list[int] = []
+    later.add_done_callback(lambda f: seen.append(1))  # the first callback: kept apart
+    later.add_done_callback(lambda f: seen.append(2))  # later ones: the usual way
+    later.set_result(0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sorted(seen) == [1, 2]
+
+
+async def test_a_wait_for_a_read_future_can_be_cancelled_and_timed_out() -> None:
+    loop = asyncio.get_running_loop()
+    future: ReadFuture[int] = ReadFuture(loop=loop)
+    task = loop.create_task(_await(future))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert future.cancelled()
+
+    other: ReadFuture[int] = ReadFuture(loop=loop)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(other), 0.01)  # wait_for removes its callback
+    other.set_result(1)
+    assert await other == 1
+
+
+async def _await(future: asyncio.Future[int]) -> int:
+    return await future
+
+
+async def test_a_waiter_that_raises_is_reported_and_the_reading_goes_on() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        theirs, ours = socket.socketpair()
+        order: list[str] = []
+        protocol = Answer(order)
+        transport, _ = await loop.create_connection(lambda: protocol, sock=ours)
+        protocol.pending = ReadFuture(loop=loop)
+
+        def broken(future: asyncio.Future[bytes]) -> None:
+            raise RuntimeError("a broken waiter")
+
+        protocol.pending.add_done_callback(broken)
+        theirs.send(b"one")
+        for _ in range(100):
+            if reported:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(reported[0]["exception"], RuntimeError)
+        protocol.pending = ReadFuture(loop=loop)
+        theirs.send(b"two")
+        assert await asyncio.wait_for(protocol.pending, 5) == b"two"  # the connection still reads
+        transport.close()
+        theirs.close()
+    finally:
+        loop.set_exception_handler(None)
