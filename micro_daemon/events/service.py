@@ -77,34 +77,37 @@ class StreamHandler:
         try:
             while messages := await reader.batch():
                 entries = [_entry(event) for message in messages for event in message.events]
-                results = await self._publish_each(context.namespace, entries)
-                start = 0
+                outcomes = iter(await self._publish_each(context.namespace, entries))
                 for message in messages:
-                    end = start + len(message.events)
-                    yield events_pb2.PublishResults(results=results[start:end])
-                    start = end
+                    answer = events_pb2.PublishResults()
+                    add = answer.results.add
+                    for _ in message.events:
+                        outcome = next(outcomes)
+                        if isinstance(outcome, MicroError):
+                            add(error=_error(outcome))
+                        else:
+                            add(id=outcome[0], sequence=outcome[1])
+                    yield answer
         finally:
             await reader.close()
 
     async def _publish_each(
         self, namespace: str, batch: list[PublishItem | MicroError]
-    ) -> list[events_pb2.PublishResult]:
+    ) -> list[tuple[str, int] | MicroError]:
+        """Each entry's ``(id, sequence)``, or why it was not published."""
         items = [entry for entry in batch if isinstance(entry, PublishItem)]
+        if not items:
+            return [e for e in batch if isinstance(e, MicroError)]  # errors only, or nothing
+        if len(items) == len(batch):  # all valid, as a rule
+            try:
+                return [*await self.backend.publish_many(namespace, items)]
+            except MicroError as refused:
+                return [refused] * len(batch)
         try:
-            published = iter(await self.backend.publish_many(namespace, items) if items else [])
+            published = iter(await self.backend.publish_many(namespace, items))
         except MicroError as refused:
-            return [
-                events_pb2.PublishResult(error=_error(e if isinstance(e, MicroError) else refused))
-                for e in batch
-            ]
-        results = []
-        for entry in batch:
-            if isinstance(entry, MicroError):
-                results.append(events_pb2.PublishResult(error=_error(entry)))
-            else:
-                event_id, seq = next(published)
-                results.append(events_pb2.PublishResult(id=event_id, sequence=seq))
-        return results
+            return [e if isinstance(e, MicroError) else refused for e in batch]
+        return [e if isinstance(e, MicroError) else next(published) for e in batch]
 
     async def PublishBatch(
         self, request: events_pb2.PublishBatchRequest, context: Context
@@ -317,7 +320,9 @@ class _Requests:
     publish waits (an fsync, another writer, a remote engine), the messages
     arriving meanwhile make the next batch. No task reads ahead: a read that
     would wait is started in the caller's stack and kept, half done, for the
-    next batch (``eager``).
+    next batch (``eager``). A message that had to be waited for goes alone, at
+    once: it came to an idle stream (a publisher waiting for each answer), and
+    looking behind it would only delay its publish.
     """
 
     def __init__(self, requests: AsyncIterator[events_pb2.PublishBatchRequest]) -> None:
@@ -329,11 +334,11 @@ class _Requests:
 
     async def batch(self) -> list[events_pb2.PublishBatchRequest]:
         """The next messages (waiting for one); empty once the stream ended."""
-        first = await self._next()
+        first, waited = await self._next()
         if first is None:
             return []
         batch, events = [first], len(first.events)
-        while events < PUBLISH_BATCH and (request := self._arrived()) is not None:
+        while not waited and events < PUBLISH_BATCH and (request := self._arrived()) is not None:
             if events + len(request.events) > PUBLISH_BATCH:
                 self._carried = request
                 break
@@ -346,18 +351,26 @@ class _Requests:
             self._waiting.close()
             self._waiting = None
 
-    async def _next(self) -> events_pb2.PublishBatchRequest | None:
+    async def _next(self) -> tuple[events_pb2.PublishBatchRequest | None, bool]:
+        """The next message (None: the end), and whether it had to be waited for."""
         if self._carried is not None:
             carried, self._carried = self._carried, None
-            return carried
+            return carried, False
         if self._failure is not None:
             raise self._failure  # the request stream failed after the last batch was taken
         if self._ended:
-            return None
+            return None, False
         waiting, self._waiting = self._waiting, None
-        request = await (waiting if waiting is not None else self._read())
+        if waiting is None:
+            read = run_eagerly(self._read())
+            if not isinstance(read, Resumed):
+                self._ended = read is None
+                return read, False
+            waiting = read
+        waited = not waiting.ready()  # ready: it arrived while the last batch was published
+        request = await waiting
         self._ended = request is None
-        return request
+        return request, waited
 
     def _arrived(self) -> events_pb2.PublishBatchRequest | None:
         """The next message if it has arrived, else None (a read that waits is kept for later)."""

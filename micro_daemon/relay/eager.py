@@ -40,6 +40,11 @@ class Resumed(Generic[T]):
         self._coro = coro
         self._waiting_on = waiting_on
 
+    def ready(self) -> bool:
+        """Whether what it waits on is done (a future): awaiting it goes on at once."""
+        done = getattr(self._waiting_on, "done", None)
+        return done is not None and bool(done())
+
     def close(self) -> None:
         """Give the rest up: the coroutine gets ``GeneratorExit`` where it waits."""
         self._coro.close()

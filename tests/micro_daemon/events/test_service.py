@@ -166,6 +166,57 @@ async def test_publish_stream_batches_what_has_arrived(backend: MemoryEvents, mo
     assert max(batches) == service.PUBLISH_BATCH and len(batches) < 10
 
 
+async def test_publish_stream_sends_a_waited_for_message_alone_and_batches_what_came_meanwhile(
+    backend: MemoryEvents, monkeypatch: Any
+) -> None:
+    batches: list[list[bytes]] = []
+    gates: list[asyncio.Event] = []
+    publish_many = backend.publish_many
+
+    async def held(namespace: str, items: Any) -> list[tuple[str, int]]:
+        batches.append([item.payload for item in items])
+        gates.append(asyncio.Event())
+        await gates[-1].wait()
+        return await publish_many(namespace, items)
+
+    monkeypatch.setattr(backend, "publish_many", held)
+    requests = Requests()
+    got: list[int] = []
+
+    async def collect() -> None:
+        async for answer in StreamHandler(backend).PublishStream(requests, ALICE):
+            got.extend(r.sequence for r in answer.results)
+
+    def send(payload: bytes) -> None:
+        requests.queue.put_nowait(message(events_pb2.PublishRequest(topic="t", payload=payload)))
+
+    async def published(count: int) -> None:
+        for _ in range(1000):
+            if len(batches) == count:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"{count} publishes expected: {batches}")
+
+    collecting = asyncio.ensure_future(collect())
+    await asyncio.sleep(0.01)  # the stream is idle, waiting for a message
+    send(b"a")  # waited for: published alone, at once, though a2 came with it
+    send(b"a2")
+    await published(1)
+    send(b"b")  # arrive during a's publish: they go with a2, which was there already
+    send(b"c")
+    gates[0].set()
+    await published(2)
+    send(b"d")  # arrive during that publish, while a read waits for them: they go together
+    send(b"e")
+    gates[1].set()
+    await published(3)
+    gates[2].set()
+    requests.queue.put_nowait(None)
+    await asyncio.wait_for(collecting, TIMEOUT)
+    assert batches == [[b"a"], [b"a2", b"b", b"c"], [b"d", b"e"]]
+    assert got == [1, 2, 3, 4, 5, 6]
+
+
 async def test_publish_stream_answers_a_refused_batch_with_its_error(backend: MemoryEvents) -> None:
     await backend.close()
     requests = Requests(message(events_pb2.PublishRequest(topic="t", payload=b"x")), None)
