@@ -48,7 +48,7 @@ class _Stream:
     def __init__(self, client: Client) -> None:
         self.loop = asyncio.get_running_loop()
         self.wakeups: asyncio.Queue[bool] = asyncio.Queue()  # True: send what is queued; False: end
-        self.queued = events_pb2.PublishBatchRequest()
+        self.queued: list[bytes] = []  # each a PublishBatchRequest's ``events`` field (see _event_field)
         self.queued_answers: list[asyncio.Future[events_pb2.PublishResult]] = []
         self.waiting: deque[list[asyncio.Future[events_pb2.PublishResult]]] = deque()  # one per message
         self.closing = False
@@ -67,7 +67,7 @@ class _Stream:
 
     def send(self, request: events_pb2.PublishRequest) -> asyncio.Future[events_pb2.PublishResult]:
         answer: asyncio.Future[events_pb2.PublishResult] = ReadFuture(loop=self.loop)  # see ReadFuture
-        self.queued.events.append(request)
+        self.queued.append(_event_field(request))
         self.queued_answers.append(answer)
         if self.direct is not None:
             if not self.waiting:
@@ -83,10 +83,10 @@ class _Stream:
         self.flushing = False
         if self.direct is None or not self.queued_answers or self.closing:
             return
-        message, self.queued = self.queued, events_pb2.PublishBatchRequest()
+        message, self.queued = self.queued, []
         self.waiting.append(self.queued_answers)
         self.queued_answers = []
-        self.direct.write(message)
+        self.direct.write_encoded(b"".join(message))
 
     def _close_idle(self) -> None:
         # One timer for many publishes, not one per publish: it checks, and waits again if used.
@@ -105,10 +105,10 @@ class _Stream:
 
     async def _outgoing(self) -> AsyncIterator[events_pb2.PublishBatchRequest]:
         while await self.wakeups.get():
-            message, self.queued = self.queued, events_pb2.PublishBatchRequest()
+            message, self.queued = self.queued, []
             self.waiting.append(self.queued_answers)
             self.queued_answers = []
-            yield message
+            yield events_pb2.PublishBatchRequest.FromString(b"".join(message))
 
     async def _read_direct(self, client: Client) -> None:
         try:
@@ -226,6 +226,24 @@ class _Publisher:
 async def _failing(exc: BaseException) -> AsyncIterator[events_pb2.PublishResults]:
     raise exc
     yield  # an async generator that raises at once
+
+
+def _event_field(request: events_pb2.PublishRequest) -> bytes:
+    """``request`` as one entry of ``PublishBatchRequest.events`` (field 1) on the wire.
+
+    A message's repeated field is its entries one after the other, each a tag and a length: so
+    a batch is these joined, with no batch object to copy each request into and serialize again.
+    """
+    data = request.SerializeToString()
+    size = len(data)
+    if size < 0x80:
+        return b"\n%c%b" % (size, data)
+    length = bytearray()
+    while size > 0x7F:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    return b"\n" + bytes(length) + data
 
 
 def _timeout(client: Client) -> float | None:

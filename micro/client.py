@@ -169,6 +169,10 @@ class OpenBidi(Generic[M]):
     def write(self, message: Message) -> None:
         self._call.write(message.SerializeToString())
 
+    def write_encoded(self, data: bytes) -> None:
+        """``write`` a message given as its serialized bytes."""
+        self._call.write(data)
+
     def done_writing(self) -> None:
         self._call.done_writing()
 

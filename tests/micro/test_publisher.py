@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from micro import _publisher
+from micro._publisher import _event_field
 from micro.client import Client
 from micro.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
 from micro.events import EventsClient
@@ -99,3 +100,16 @@ async def test_concurrent_publishes_share_messages(daemon: Daemon, client: Clien
     results = await asyncio.gather(*(events.publish("t", n) for n in range(200)))
     assert sorted(seq for _, seq in results) == list(range(1, 201))
     assert calls < 100
+
+
+@pytest.mark.parametrize("size", [0, 100, 127, 128, 16_383, 16_384, 3_000_000])
+def test_queued_requests_joined_are_the_batch_message(size: int) -> None:
+    # The stream sends a batch as its requests' ``events`` entries joined, never building the
+    # batch object: the bytes must be what the batch would serialize to, whatever the lengths.
+    requests = [
+        events_pb2.PublishRequest(topic="t", payload=b"x" * size, metadata={"k": "v"}, timestamp=7),
+        events_pb2.PublishRequest(topic="u"),
+    ]
+    joined = b"".join(_event_field(request) for request in requests)
+    assert joined == events_pb2.PublishBatchRequest(events=requests).SerializeToString()
+    assert list(events_pb2.PublishBatchRequest.FromString(joined).events) == requests
