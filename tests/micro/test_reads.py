@@ -145,7 +145,7 @@ async def test_a_read_future_completed_outside_a_read_is_an_ordinary_future() ->
     assert sorted(seen) == [1, 2]
 
 
-async def test_a_wait_for_a_read_future_can_be_cancelled_and_timed_out() -> None:
+async def test_a_wait_for_a_read_future_can_be_cancelled_timed_out_and_unhooked() -> None:
     loop = asyncio.get_running_loop()
     future: ReadFuture[int] = ReadFuture(loop=loop)
     task = loop.create_task(_await(future))
@@ -156,10 +156,19 @@ async def test_a_wait_for_a_read_future_can_be_cancelled_and_timed_out() -> None
     assert future.cancelled()
 
     other: ReadFuture[int] = ReadFuture(loop=loop)
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(other), 0.01)  # wait_for removes its callback
+    done, pending = await asyncio.wait({other}, timeout=0.01)  # removes its callback at the timeout
+    assert not done and pending == {other}
+    called: list[int] = []
+
+    def note(future: asyncio.Future[int]) -> None:
+        called.append(future.result())
+
+    other.add_done_callback(note)  # the first callback again: kept apart, and removed from there
+    assert other.remove_done_callback(note) == 1
     other.set_result(1)
     assert await other == 1
+    await asyncio.sleep(0)
+    assert called == []
 
 
 async def _await(future: asyncio.Future[int]) -> int:
