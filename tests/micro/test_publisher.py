@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from micro import _publisher
 from micro._publisher import _event_field
 from micro.client import Client
-from micro.errors import BadRequest, PayloadTooLarge, ServiceUnavailable
+from micro.context import Context, _current
+from micro.errors import BadRequest, PayloadTooLarge, ServiceUnavailable, Timeout
 from micro.events import EventsClient
 from micro.proto import events_pb2
 from micro.transport import Metadata, MockTransport
@@ -113,3 +115,59 @@ def test_queued_requests_joined_are_the_batch_message(size: int) -> None:
     joined = b"".join(_event_field(request) for request in requests)
     assert joined == events_pb2.PublishBatchRequest(events=requests).SerializeToString()
     assert list(events_pb2.PublishBatchRequest.FromString(joined).events) == requests
+
+
+async def test_a_publish_left_unanswered_times_out_and_the_stream_goes_on(
+    daemon: Daemon, client: Client, monkeypatch: Any
+) -> None:
+    backend = daemon._events
+    assert backend is not None
+    release = asyncio.Event()
+    publish_many = backend.publish_many
+
+    async def stalled(namespace: str, items: Any) -> list[tuple[str, int]]:
+        if items[0].payload == b'"stuck"':
+            await release.wait()
+        return await publish_many(namespace, items)
+
+    monkeypatch.setattr(backend, "publish_many", stalled)
+    events = EventsClient(client)
+    await events.publish("t", "first")  # the stream is open: the sweep timer is armed for its deadline
+    client.timeout = 0.2
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(Timeout):
+        await events.publish("t", "stuck")
+    assert 0.15 < asyncio.get_running_loop().time() - started < 2  # the 5 s sweep came sooner
+    release.set()
+    client.timeout = WAIT
+    assert (await events.publish("t", "after"))[1] == 3  # the late answer was dropped, in order
+
+
+async def test_a_serving_calls_shorter_deadline_times_its_publish_out_first(
+    daemon: Daemon, client: Client, monkeypatch: Any
+) -> None:
+    backend = daemon._events
+    assert backend is not None
+    release = asyncio.Event()
+    publish_many = backend.publish_many
+
+    async def stalled(namespace: str, items: Any) -> list[tuple[str, int]]:
+        await release.wait()
+        return await publish_many(namespace, items)
+
+    monkeypatch.setattr(backend, "publish_many", stalled)
+    events = EventsClient(client)
+    patient = asyncio.ensure_future(events.publish("t", "patient"))  # the client's 5 s
+    await asyncio.sleep(0.05)
+
+    async def serving() -> tuple[str, int]:
+        _current.set(Context(deadline=time.monotonic() + 0.2))  # as a handler's outgoing call
+        return await events.publish("t", "hurried")
+
+    started = time.monotonic()
+    with pytest.raises(Timeout):
+        await asyncio.ensure_future(serving())
+    assert time.monotonic() - started < 2
+    assert not patient.done()
+    release.set()
+    assert (await asyncio.wait_for(patient, WAIT))[1] == 1
