@@ -93,13 +93,17 @@ class Wakeup:
     Check the state, then wait if it is not ready: a ``set`` while nobody waits is dropped.
     """
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_loop")
 
     def __init__(self) -> None:
         self._future: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # its loop, looked up once (a getpid each)
 
     async def wait(self) -> None:
-        self._future = ReadFuture(loop=asyncio.get_running_loop())  # set by a read: resumes as it ends
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._future = ReadFuture(loop=loop)  # set by a read: resumes as it ends
         await self._future
 
     def set(self) -> None:

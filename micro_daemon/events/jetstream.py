@@ -39,6 +39,7 @@ open consumers wait, and go on once it is back.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -161,12 +162,18 @@ class JetStreamEvents(EventsBackend):
         self._streams: set[str] = set()
         self._members: set[Member] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: a getpid call each time
 
     # -- EventsBackend ----------------------------------------------------------
 
     async def publish_many(self, namespace: str, items: Sequence[PublishItem]) -> list[tuple[str, int]]:
         self._check_open()
-        entries = [Entry(item, event_id) for item, event_id in zip(items, new_ids(len(items)), strict=True)]
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        entries = [
+            Entry(item, event_id, loop) for item, event_id in zip(items, new_ids(len(items)), strict=True)
+        ]
         for entry in entries:
             self._check(entry)
         if not entries:

@@ -58,11 +58,11 @@ class Entry:
 
     __slots__ = ("done", "headers", "id", "item")
 
-    def __init__(self, item: PublishItem, id: str) -> None:
+    def __init__(self, item: PublishItem, id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.item = item
         self.id = id
         self.headers = event_headers(id, 0, item.metadata, item.timestamp_ns)
-        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[int] = loop.create_future()
 
 
 def _retrieve(future: asyncio.Future[int]) -> None:

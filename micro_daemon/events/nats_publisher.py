@@ -65,9 +65,12 @@ class Answers(Generic[K]):
         self._timeout = timeout
         self._waiting: dict[K, tuple[asyncio.Future[Reply], float]] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: a getpid call each time
 
     def expect(self, token: K) -> asyncio.Future[Reply]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         answer: asyncio.Future[Reply] = ReadFuture(loop=loop)  # its waiter resumes as the read ends
         self._waiting[token] = (answer, loop.time() + self._timeout)
         if self._sweep is None:
