@@ -95,9 +95,9 @@ class Wakeup:
 
     __slots__ = ("_future", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._future: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # its loop, looked up once (a getpid each)
+        self._loop = loop  # else looked up at the first wait, once: get_running_loop makes a getpid
 
     async def wait(self) -> None:
         loop = self._loop

@@ -81,14 +81,14 @@ class _Call:
 
     __slots__ = ("arrived", "error", "finished", "headers_seen", "inbox", "listener", "started", "stream")
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, loop: asyncio.AbstractEventLoop) -> None:
         self.stream = stream
         self.inbox = Inbox(stream, limit=UNREAD_LIMIT, max_message=MAX_RECEIVE)
         self.headers_seen = False
         self.started = False  # the server answered something: not to be sent again
         self.finished = False
         self.error: BaseException | None = None
-        self.arrived = Wakeup()  # set when a message, or the end, arrives
+        self.arrived = Wakeup(loop)  # set when a message, or the end, arrives
         self.listener: Callable[[], None] | None = None  # called instead, from the reading
 
     def on_headers(self, fields: list[tuple[bytes, bytes]], end: bool) -> None:
@@ -165,12 +165,13 @@ class _Connection(Connection):
     def __init__(self, address: str) -> None:
         super().__init__()
         self.address = address
+        self.loop = asyncio.get_running_loop()
         self.next_stream = 1
         self.usable = True
 
     def start(self, headers: bytes, end: bool) -> _Call:
         stream = Stream(self)
-        call = _Call(stream)
+        call = _Call(stream, self.loop)
         stream.owner = call
         if self.closed:  # lost between connecting and this call: nothing would ever answer it
             call.lost_to(self._lost())
@@ -236,22 +237,32 @@ class Http2Transport(Transport):
     # -- the four shapes ---------------------------------------------------------------------------
 
     async def unary(self, path: str, request: bytes, *, metadata: Metadata, timeout: float | None) -> bytes:
-        async with _deadline(timeout):
-            for attempt in (1, 2):
-                conn = await self._connection()
-                call = conn.start(self._headers(path, metadata, timeout), False)
-                conn.send_data(call.stream, frame_message(request), True)
-                flush()
-                try:
-                    response = await _single(call)
-                except _Refused:
-                    if attempt == 2:
-                        raise ServiceUnavailable("the server refused the call twice") from None
-                    continue
-                except BaseException:
-                    _cancel(call)
-                    raise
-                return response
+        # The deadline ends the call itself (a timer per call), rather than cancelling this task
+        # through asyncio.timeout, which costs three getpid system calls and a cancellation.
+        loop = asyncio.get_running_loop()
+        when = None if timeout is None else loop.time() + timeout
+        for attempt in (1, 2):
+            conn = self._open_connection(loop)
+            if conn is None:
+                async with _deadline(None, at=when):
+                    conn = await self._connection()
+            call = conn.start(self._headers(path, metadata, timeout), False)
+            conn.send_data(call.stream, frame_message(request), True)
+            flush()
+            expiry = None if when is None else loop.call_at(when, _expire, call)
+            try:
+                response = await _single(call)
+            except _Refused:
+                if attempt == 2:
+                    raise ServiceUnavailable("the server refused the call twice") from None
+                continue
+            except BaseException:
+                _cancel(call)
+                raise
+            finally:
+                if expiry is not None:
+                    expiry.cancel()
+            return response
         raise AssertionError("unreachable")  # the second attempt returns or raises
 
     async def server_stream(
@@ -344,10 +355,17 @@ class Http2Transport(Transport):
         fields.extend((key.lower().encode(), value.encode()) for key, value in metadata)
         return encode(fields)
 
-    async def _connection(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+    def _open_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        """The connection calls on ``loop`` go on now, if it is open and takes new calls."""
         conn = self._conn
         if conn is not None and conn.usable and not conn.closed and self._loop is loop:
+            return conn
+        return None
+
+    async def _connection(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn = self._open_connection(loop)
+        if conn is not None:
             return conn
         if self._connecting is None or self._loop is not loop:
             self._loop = loop
@@ -491,10 +509,15 @@ async def _aiter(requests: Any) -> AsyncIterator[bytes]:
             yield request
 
 
-def _cancel(call: _Call) -> None:
+def _expire(call: _Call) -> None:
+    """``call``'s deadline passed: it ends with ``Timeout`` (408), and the server's side too."""
+    _cancel(call, error_for_code(408, "request timed out"))
+
+
+def _cancel(call: _Call, error: MicroError | None = None) -> None:
     """End ``call`` here (waking whoever waits on it) and tell the server to stop it if it has
     not ended both ways (RST_STREAM CANCEL)."""
-    call.lost_to(error_for_code(499, "the call was cancelled"))
+    call.lost_to(error or error_for_code(499, "the call was cancelled"))
     stream = call.stream
     conn = stream.conn
     if not conn.closed and conn.streams.get(stream.id) is stream:
