@@ -119,7 +119,8 @@ class Served:
         deadline = None if self.deadline is None else time.monotonic() + self.deadline
         coro = self.method(data[5:], metadata, self.peer, deadline)
         context = contextvars.copy_context()  # the handler's Context is set in it, not in ours
-        loop = asyncio.get_running_loop()
+        # The relay's loop: get_running_loop would make a getpid system call per call (Python 3.11).
+        loop = self.relay.loop or asyncio.get_running_loop()
         if EAGER_TASKS:
             # A task whose first step runs now: a method that never waits is answered in this
             # callback, and one that does runs as a task from its start (asyncio.timeout works).

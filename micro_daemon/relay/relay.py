@@ -119,12 +119,13 @@ class Relay:
         self._grace = grace
         self._pool: dict[str, Upstream] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one it listens on, once it does
         self._downstreams: set[Downstream] = set()
         self._upstreams: set[Upstream] = set()
 
     async def listen(self, host: str, port: int, *, ssl: SSLContext | None = None) -> int:
         """Accept callers on ``host:port`` (0: any free port); returns the port."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: Downstream(self), host, port, ssl=ssl)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
