@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -117,27 +118,33 @@ def test_queued_requests_joined_are_the_batch_message(size: int) -> None:
     assert list(events_pb2.PublishBatchRequest.FromString(joined).events) == requests
 
 
-async def test_a_publish_left_unanswered_times_out_and_the_stream_goes_on(
-    daemon: Daemon, client: Client, monkeypatch: Any
-) -> None:
+def hold_publishes(daemon: Daemon, monkeypatch: Any, held: Callable[[bytes], bool]) -> asyncio.Event:
+    """Hold the daemon's publishes whose first event's payload ``held`` picks until the event is set."""
     backend = daemon._events
     assert backend is not None
     release = asyncio.Event()
     publish_many = backend.publish_many
 
-    async def stalled(namespace: str, items: Any) -> list[tuple[str, int]]:
-        if items[0].payload == b'"stuck"':
+    async def holding(namespace: str, items: Any) -> list[tuple[str, int]]:
+        if held(items[0].payload):
             await release.wait()
         return await publish_many(namespace, items)
 
-    monkeypatch.setattr(backend, "publish_many", stalled)
+    monkeypatch.setattr(backend, "publish_many", holding)
+    return release
+
+
+async def test_a_publish_left_unanswered_times_out_and_the_stream_goes_on(
+    daemon: Daemon, client: Client, monkeypatch: Any
+) -> None:
+    release = hold_publishes(daemon, monkeypatch, lambda payload: payload == b'"stuck"')
     events = EventsClient(client)
-    await events.publish("t", "first")  # the stream is open: the sweep timer is armed for its deadline
+    await events.publish("t", "first")  # the stream is open, its first publish made with 5 s
     client.timeout = 0.2
     started = asyncio.get_running_loop().time()
     with pytest.raises(Timeout):
         await events.publish("t", "stuck")
-    assert 0.15 < asyncio.get_running_loop().time() - started < 2  # the 5 s sweep came sooner
+    assert 0.15 < asyncio.get_running_loop().time() - started < 2  # its own 0.2 s, not the 5 s
     release.set()
     client.timeout = WAIT
     assert (await events.publish("t", "after"))[1] == 3  # the late answer was dropped, in order
@@ -146,16 +153,7 @@ async def test_a_publish_left_unanswered_times_out_and_the_stream_goes_on(
 async def test_a_serving_calls_shorter_deadline_times_its_publish_out_first(
     daemon: Daemon, client: Client, monkeypatch: Any
 ) -> None:
-    backend = daemon._events
-    assert backend is not None
-    release = asyncio.Event()
-    publish_many = backend.publish_many
-
-    async def stalled(namespace: str, items: Any) -> list[tuple[str, int]]:
-        await release.wait()
-        return await publish_many(namespace, items)
-
-    monkeypatch.setattr(backend, "publish_many", stalled)
+    release = hold_publishes(daemon, monkeypatch, lambda payload: True)
     events = EventsClient(client)
     patient = asyncio.ensure_future(events.publish("t", "patient"))  # the client's 5 s
     await asyncio.sleep(0.05)
