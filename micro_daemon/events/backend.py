@@ -325,25 +325,22 @@ def new_ids(count: int) -> list[str]:
         _reseed()
         return new_ids(count)
     prefix = _id_prefix
-    if count == 1:
-        return [f"{prefix}{first:012x}"]
     return [f"{prefix}{n:012x}" for n in range(first, first + count)]
 
 
 _LOW48 = (1 << 48) - 1
 _UUID4_FIXED = (0xF << 76) | (0x3 << 62)  # the version and variant bits
 _UUID4_BITS = (0x4 << 76) | (0x2 << 62)
-_id_base = 0
-_id_prefix = ""  # _id_base's 80 high bits as the id's first four groups: only the count changes
+_id_prefix = ""  # the random base's 80 high bits as the id's first four groups: only the count changes
 _next_id = 0
 
 
 def _reseed() -> None:
     """A new random base for ``new_ids``, counting from a random point below half its range."""
-    global _id_base, _id_prefix, _next_id
+    global _id_prefix, _next_id
     value = int.from_bytes(os.urandom(16)) & ~_UUID4_FIXED | _UUID4_BITS
-    _id_base, _next_id = value & ~_LOW48, value & (_LOW48 >> 1)
-    h = f"{_id_base:032x}"
+    _next_id = value & (_LOW48 >> 1)
+    h = f"{value & ~_LOW48:032x}"
     _id_prefix = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-"
 
 

@@ -58,19 +58,17 @@ class Answers(Generic[K]):
     Each fails with ``TimeoutError`` once ``timeout`` passed since it was expected: one
     timer sweeps them all in the order they were sent, rather than one timer each. An
     answer whose waiter gave up (cancelled it) is dropped when its answer comes, or by
-    the sweep.
+    the sweep. Made on the loop whose reads resolve them.
     """
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._waiting: dict[K, tuple[asyncio.Future[Reply], float]] = {}
         self._sweep: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: a getpid call each time
+        self._loop = asyncio.get_running_loop()  # once: each look-up is a getpid system call (3.11)
 
     def expect(self, token: K) -> asyncio.Future[Reply]:
         loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
         answer: asyncio.Future[Reply] = ReadFuture(loop=loop)  # its waiter resumes as the read ends
         self._waiting[token] = (answer, loop.time() + self._timeout)
         if self._sweep is None:

@@ -96,15 +96,8 @@ class StreamHandler:
     ) -> list[tuple[str, int] | MicroError]:
         """Each entry's ``(id, sequence)``, or why it was not published."""
         items = [entry for entry in batch if isinstance(entry, PublishItem)]
-        if not items:
-            return [e for e in batch if isinstance(e, MicroError)]  # errors only, or nothing
-        if len(items) == len(batch):  # all valid, as a rule
-            try:
-                return [*await self.backend.publish_many(namespace, items)]
-            except MicroError as refused:
-                return [refused] * len(batch)
         try:
-            published = iter(await self.backend.publish_many(namespace, items))
+            published = iter(await self.backend.publish_many(namespace, items) if items else [])
         except MicroError as refused:
             return [e if isinstance(e, MicroError) else refused for e in batch]
         return [e if isinstance(e, MicroError) else next(published) for e in batch]
