@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ class Method:
     request_type: type[Message]
     response_type: type[Message]
     func: Callable[..., Any]
+    lane: Callable[..., Any] | None = None  # the same RPC served message by message (see ``bind``)
 
     @property
     def name(self) -> str:
@@ -56,14 +57,28 @@ def bind(handler: object, service: ServiceDescriptor, name: str | None = None) -
     async generators; client-streaming and bidirectional ones take an async
     iterator of requests. Raises ``TypeError`` naming the first RPC the
     handler lacks or implements with the wrong shape.
+
+    A handler may also serve a bidirectional RPC as a *lane*: its ``lanes``
+    attribute, a mapping, maps the RPC's name to ``async def lane(lane: Lane,
+    context)``, which takes the request messages' bytes as they arrive and
+    sends its answers itself (``micro._dispatch.Lane``). A server that parses
+    calls itself (the daemon's relay) uses it instead of the async iterators
+    and their layers; every other server uses the method.
     """
     handler_name = name or service.name
+    found = getattr(handler, "lanes", None)  # a handler's __getattr__ may answer anything: a mapping only
+    lanes: dict[str, Callable[..., Any]] = dict(found) if isinstance(found, Mapping) else {}
     methods = []
     for rpc in service.methods:
         func = getattr(handler, rpc.name, None)
         if func is None or not callable(func):
             raise TypeError(f"{type(handler).__name__} has no method {rpc.name} for {service.full_name}")
         _check_shape(func, rpc)
+        lane = lanes.pop(rpc.name, None)
+        if lane is not None and not (rpc.client_streaming and rpc.server_streaming):
+            raise TypeError(f"{rpc.full_name} is not bidirectional: only a bidirectional RPC has a lane")
+        if lane is not None and not inspect.iscoroutinefunction(lane):
+            raise TypeError(f"the lane of {rpc.full_name} must be a coroutine function (async def)")
         methods.append(
             Method(
                 handler=handler_name,
@@ -71,7 +86,12 @@ def bind(handler: object, service: ServiceDescriptor, name: str | None = None) -
                 request_type=message_factory.GetMessageClass(rpc.input_type),
                 response_type=message_factory.GetMessageClass(rpc.output_type),
                 func=_awaitable(func),
+                lane=lane,
             )
+        )
+    if lanes:
+        raise TypeError(
+            f"{type(handler).__name__}.lanes names no RPC of {service.full_name}: {sorted(lanes)}"
         )
     return methods
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -35,7 +35,16 @@ from micro.errors import BadRequest, InternalServerError, MicroError
 if TYPE_CHECKING:
     from micro.auth import Account
 
-__all__ = ["Admit", "Authenticate", "Counters", "Dispatcher", "LocalStream", "LocalUnary"]
+__all__ = [
+    "Admit",
+    "Authenticate",
+    "Counters",
+    "Dispatcher",
+    "Lane",
+    "LocalLane",
+    "LocalStream",
+    "LocalUnary",
+]
 
 log = logging.getLogger("micro.server")
 
@@ -69,7 +78,7 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyp
         """``relay_secret``: calls carrying it under ``micro-relay`` came through the daemon's relay,
         so their ``micro-remote-address`` (the relay's caller) is believed instead of the peer."""
         self.relay_secret = relay_secret
-        self._local: dict[tuple[str, str | None], LocalUnary | LocalStream | None] = {}
+        self._local: dict[tuple[str, str | None], LocalUnary | LocalStream | LocalLane | None] = {}
         self._by_path: dict[str, tuple[str, Method]] = {}
         self._by_endpoint: dict[tuple[str, str], Method] = {}
         self.counters = Counters()
@@ -86,11 +95,12 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyp
     def find(self, service: str, endpoint: str) -> Method | None:
         return self._by_endpoint.get((service, endpoint))
 
-    def local(self, path: str, service: str | None) -> LocalUnary | LocalStream | None:
+    def local(self, path: str, service: str | None) -> LocalUnary | LocalStream | LocalLane | None:
         """The method a proto call to ``path`` naming ``service`` reaches, to serve without gRPC.
 
         For a server that parses calls itself (the daemon's relay); ``None`` when
-        the call is not one of ours (leave it to the gRPC server).
+        the call is not one of ours (leave it to the gRPC server). A method with a
+        lane is served by it (``LocalLane``).
         """
         key = (path, service)
         found = self._local.get(key)
@@ -101,7 +111,10 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyp
                 assert entry is not None
                 call = _Call(self, service or entry[0], method, *_proto_codec(method))
                 streaming = method.client_streaming or method.server_streaming
-                found = LocalStream(call) if streaming else LocalUnary(call)
+                if method.lane is not None:
+                    found = LocalLane(call, method.lane)
+                else:
+                    found = LocalStream(call) if streaming else LocalUnary(call)
             if len(self._local) < 4096:  # paths callers invent cannot grow it further
                 self._local[key] = found
         return found
@@ -329,6 +342,47 @@ class LocalStream:
             else:
                 async for response in method.func(call._decoded(requests), context):
                     yield call.encode(response)
+
+
+class Lane(Protocol):
+    """A bidirectional call as a lane method sees it: request messages in, responses out.
+
+    The server that parses the call (the relay) implements it. Request
+    messages are the bytes of each, not decoded: the lane decodes them.
+    """
+
+    def take(self) -> bytes | None:
+        """The next request message that has arrived, or ``None`` if none has (yet)."""
+        ...
+
+    async def wait(self) -> bool:
+        """Wait until a request message has arrived (``True``) or the caller ended its side
+        (``False``); first until the caller has read enough of the responses sent so far."""
+        ...
+
+    def send(self, response: bytes) -> None:
+        """Send a response message now (dropped if the caller is gone: the lane is cancelled)."""
+        ...
+
+
+class LocalLane:
+    """A bidirectional method served by its lane (``bind``), to a caller that is not a gRPC server's.
+
+    ``__call__`` runs the lane with the call's ``Context``; errors as ``LocalUnary``'s.
+    """
+
+    def __init__(self, call: _Call, lane: Callable[[Lane, Context], Awaitable[None]]) -> None:
+        self._call = call
+        self._lane = lane
+
+    async def __call__(
+        self, lane: Lane, metadata: Iterable[tuple[str, str]], peer: str, deadline: float | None
+    ) -> None:
+        call = self._call
+        with call.errors_counted(peer):
+            context = await call.enter(metadata, peer, deadline)
+            _current.set(context)
+            await self._lane(lane, context)
 
 
 def peer_host(peer: str) -> str:

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
+from micro._dispatch import Lane
+from micro.codec import decode_proto
 from micro.context import Context
 from micro.errors import BadRequest, MicroError, NotFound
 from micro.proto import events_pb2
@@ -59,6 +61,7 @@ class StreamHandler:
 
     def __init__(self, backend: EventsBackend) -> None:
         self.backend = backend
+        self.lanes = {"PublishStream": self.publish_lane}
 
     async def Publish(
         self, request: events_pb2.PublishRequest, context: Context
@@ -76,20 +79,58 @@ class StreamHandler:
         reader = _Requests(requests)
         try:
             while messages := await reader.batch():
-                entries = [_entry(event) for message in messages for event in message.events]
-                outcomes = iter(await self._publish_each(context.namespace, entries))
-                for message in messages:
-                    answer = events_pb2.PublishResults()
-                    add = answer.results.add
-                    for _ in message.events:
-                        outcome = next(outcomes)
-                        if isinstance(outcome, MicroError):
-                            add(error=_error(outcome))
-                        else:
-                            add(id=outcome[0], sequence=outcome[1])
+                for answer in await self._publish_messages(context.namespace, messages):
                     yield answer
         finally:
             await reader.close()
+
+    async def publish_lane(self, lane: Lane, context: Context) -> None:
+        """``PublishStream`` as a lane (see ``bind``): each batch is the messages that have arrived.
+
+        For a publisher waiting for each answer that is the one message it sent, published as
+        soon as it arrives. A message that does not decode is answered with the stream's error,
+        after the messages before it are published and answered.
+        """
+        namespace = context.namespace
+        carried: events_pb2.PublishBatchRequest | None = None  # over the last batch's limit
+        while carried is not None or await lane.wait():
+            batch, events = ([carried], len(carried.events)) if carried is not None else ([], 0)
+            carried = None
+            failure: MicroError | None = None
+            while events < PUBLISH_BATCH and (data := lane.take()) is not None:
+                try:
+                    message = decode_proto(data, events_pb2.PublishBatchRequest)
+                except MicroError as undecodable:
+                    failure = undecodable
+                    break
+                if batch and events + len(message.events) > PUBLISH_BATCH:
+                    carried = message
+                    break
+                batch.append(message)
+                events += len(message.events)
+            for answer in await self._publish_messages(namespace, batch) if batch else ():
+                lane.send(answer.SerializeToString())
+            if failure is not None:
+                raise failure
+
+    async def _publish_messages(
+        self, namespace: str, messages: list[events_pb2.PublishBatchRequest]
+    ) -> list[events_pb2.PublishResults]:
+        """Publish the valid events of ``messages`` as one batch; each message's answer."""
+        entries = [_entry(event) for message in messages for event in message.events]
+        outcomes = iter(await self._publish_each(namespace, entries))
+        answers = []
+        for message in messages:
+            answer = events_pb2.PublishResults()
+            add = answer.results.add
+            for _ in message.events:
+                outcome = next(outcomes)
+                if isinstance(outcome, MicroError):
+                    add(error=_error(outcome))
+                else:
+                    add(id=outcome[0], sequence=outcome[1])
+            answers.append(answer)
+        return answers
 
     async def _publish_each(
         self, namespace: str, batch: list[PublishItem | MicroError]

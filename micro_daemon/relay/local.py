@@ -8,7 +8,9 @@ frames, runs the block's method through the ``Dispatcher`` (the same auth
 hooks, counters and error mapping as the gRPC path) and writes the responses
 as DATA frames. A unary method that finishes without waiting (a cached read)
 is answered within the callback that read its request (``Served``); one that
-waits, and every streaming method (``ServedStream``), runs in a task.
+waits, and every streaming method (``ServedStream``), runs in a task. A
+bidirectional method with a lane (``micro._dispatch.LocalLane``) is served
+through it: it takes the request messages and sends its answers itself.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from micro._dispatch import LocalStream, LocalUnary
+from micro._dispatch import LocalLane, LocalStream, LocalUnary
 from micro._grpc_messages import PREFIX, Inbox, MessageError, frame_message
 from micro._hpack import encode
 from micro._http2 import Stream, Wakeup, flush
@@ -48,7 +50,7 @@ class Serve:
 
     __slots__ = ("method",)
 
-    def __init__(self, method: LocalUnary | LocalStream) -> None:
+    def __init__(self, method: LocalUnary | LocalStream | LocalLane) -> None:
         self.method = method
 
     def attach(self, call: Call, relay: Relay, headers: dict[bytes, bytes]) -> None:
@@ -170,16 +172,24 @@ class Served:
 class ServedStream:
     """One streaming call the relay answers itself: request messages in, response messages out.
 
-    The method runs in a task of its own. Request messages are parsed out of
-    DATA frames as they arrive and the caller's window is given back as the
-    method reads them, so a method that reads slowly slows its caller. Each
-    response goes out as it is yielded; while the caller's window holds it up
-    the method waits, so a caller that reads slowly slows the method.
+    The method runs in a task of its own, in either form. A ``LocalStream``
+    gets the request messages as an async iterator and yields its responses,
+    each sent as it is yielded. A ``LocalLane`` gets this object as its
+    ``Lane``: it takes the messages that have arrived, waits for more, and
+    sends its responses itself, without the iterators' layers.
+
+    Request messages are parsed out of DATA frames as they arrive and the
+    caller's window is given back as the method reads them, so a method that
+    reads slowly slows its caller. While the caller's window holds responses
+    up, the method waits (before its next response, or in ``wait``), so a
+    caller that reads slowly slows the method.
     """
 
     __slots__ = ("arrived", "deferred", "ended", "headers_sent", "inbox", "stream", "task", "waited")
 
-    def __init__(self, stream: Stream, method: LocalStream, headers: dict[bytes, bytes], peer: str) -> None:
+    def __init__(
+        self, stream: Stream, method: LocalStream | LocalLane, headers: dict[bytes, bytes], peer: str
+    ) -> None:
         self.stream = stream
         self.inbox = Inbox(stream, limit=INBOX_LIMIT, max_message=MAX_REQUEST)
         self.ended = False
@@ -190,10 +200,11 @@ class ServedStream:
         timeout = headers.get(b"grpc-timeout")
         seconds = None if timeout is None else grpc_timeout(timeout)
         deadline = None if seconds is None else time.monotonic() + seconds
-        responses = method(self._requests(), _metadata(headers), peer, deadline)
         loop = asyncio.get_running_loop()
         # A context of its own: the method sets its Context as the current one in it.
-        self.task = loop.create_task(self._run(responses), context=contextvars.copy_context())
+        self.task = loop.create_task(
+            self._run(method, _metadata(headers), peer, deadline), context=contextvars.copy_context()
+        )
 
     def on_data(self, stream: Stream, payload: bytes, end: bool) -> None:
         if payload:
@@ -218,36 +229,54 @@ class ServedStream:
             self.deferred[1].cancel()
             self.deferred = None
 
+    # -- the Lane of a LocalLane -------------------------------------------------------------------
+
+    def take(self) -> bytes | None:
+        return self.inbox.pop()
+
+    async def wait(self) -> bool:
+        if self.stream.queue:  # the caller's window is full: wait until it reads
+            await self.stream.drained.wait()
+        while not self.inbox.messages:
+            if self.ended:
+                self._check_complete()
+                return False
+            await self.arrived.wait()
+        return True
+
+    def send(self, response: bytes) -> None:
+        stream = self.stream
+        conn = stream.conn
+        if stream.owner is not self or conn.closed:
+            return  # the caller went away: the task is cancelled
+        if not self.headers_sent:
+            conn.send_headers(stream, _RESPONSE_HEADERS, False)
+            self.headers_sent = True
+        conn.send_data(stream, frame_message(response), False)
+        flush()
+
+    # -- the iterators of a LocalStream ------------------------------------------------------------
+
     async def _requests(self) -> AsyncIterator[bytes]:
         while True:
             message = self.inbox.pop()
             if message is not None:
                 yield message
             elif self.ended:
-                if self.inbox.buffer:
-                    raise BadRequest("the call ended inside a request message", id=ERROR_ID)
+                self._check_complete()
                 return
             else:
                 self.waited = True
                 await self.arrived.wait()
 
-    def _fail(self, error: MicroError) -> None:
-        self.task.cancel()
-        self._send_error(error, headers_sent=self.headers_sent)
-
-    async def _run(self, responses: AsyncIterator[bytes]) -> None:
+    async def _relay(self, responses: AsyncIterator[bytes]) -> None:
+        """Send each response the method yields."""
         stream = self.stream
-        conn = stream.conn
-        headers_sent = False
         try:
             async for response in responses:
-                if stream.owner is not self or conn.closed:
+                if stream.owner is not self or stream.conn.closed:
                     return
-                if not headers_sent:
-                    conn.send_headers(stream, _RESPONSE_HEADERS, False)
-                    headers_sent = self.headers_sent = True
-                conn.send_data(stream, frame_message(response), False)
-                flush()
+                self.send(response)
                 if stream.queue:  # the caller's window is full: wait until it reads
                     await stream.drained.wait()
                 elif not self.waited:
@@ -256,29 +285,50 @@ class ServedStream:
                     # A method that waited for a request since its last answer has let them.
                     await asyncio.sleep(0)
                 self.waited = False
+        finally:
+            await _close(responses)
+
+    # -- either ------------------------------------------------------------------------------------
+
+    def _check_complete(self) -> None:
+        if self.inbox.buffer:
+            raise BadRequest("the call ended inside a request message", id=ERROR_ID)
+
+    def _fail(self, error: MicroError) -> None:
+        self.task.cancel()
+        self._send_error(error, headers_sent=self.headers_sent)
+
+    async def _run(
+        self,
+        method: LocalStream | LocalLane,
+        metadata: list[tuple[str, str]],
+        peer: str,
+        deadline: float | None,
+    ) -> None:
+        stream = self.stream
+        conn = stream.conn
+        try:
+            if isinstance(method, LocalLane):
+                await method(self, metadata, peer, deadline)
+            else:
+                await self._relay(method(self._requests(), metadata, peer, deadline))
         except MicroError as error:
-            if (
-                not headers_sent
-                and not self.inbox.messages
-                and not self.ended
-                and not self.stream.conn.closed
-            ):
+            if not self.headers_sent and not self.inbox.messages and not self.ended and not conn.closed:
                 # Refused before the caller wrote anything: answer once it does (or soon). A gRPC
                 # client whose first write meets an ended call reports "Internal error from Core"
                 # instead of the status it was sent.
                 timer = asyncio.get_running_loop().call_later(REFUSAL_DELAY, self._send_deferred)
                 self.deferred = (error, timer)
             else:
-                self._send_error(error, headers_sent=headers_sent)
+                self._send_error(error, headers_sent=self.headers_sent)
             return
         except asyncio.CancelledError:
             return
         finally:
-            await _close(responses)
             flush()
         if stream.owner is self and not conn.closed:
             stream.owner = None
-            if not headers_sent:
+            if not self.headers_sent:
                 conn.send_headers(stream, _RESPONSE_HEADERS, False)
             # No RST_STREAM if the caller is still sending: a gRPC client whose write meets one
             # reports an internal error instead of the status; it ends its side itself.

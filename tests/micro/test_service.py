@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from micro import Context, Service, errors
+from micro._binding import bind
 from micro.client import Client
 from micro.errors import BadRequest, NotFound, SetupError
 from micro.registry import RegistryClient
@@ -200,6 +201,56 @@ def test_a_streaming_method_that_returns_is_refused(greeter_pb2: ModuleType, mic
 
     with pytest.raises(TypeError, match="must be an async generator"):
         Service("x").handle(Greeter())
+
+
+def greeter_with_lanes(lanes: dict[str, Any]) -> object:
+    class Greeter:
+        async def Call(self, request: Any, context: Context) -> Any: ...
+        async def Stream(self, request: Any, context: Context) -> AsyncIterator[Any]:
+            yield None
+
+        async def Collect(self, requests: Any, context: Context) -> Any: ...
+        async def PingPong(self, requests: Any, context: Context) -> AsyncIterator[Any]:
+            yield None
+
+    greeter = Greeter()
+    greeter.lanes = lanes  # type: ignore[attr-defined]
+    return greeter
+
+
+def test_a_lane_is_bound_to_its_bidirectional_rpc(greeter_pb2: ModuleType) -> None:
+    async def ping_pong(lane: Any, context: Context) -> None: ...
+
+    methods = bind(
+        greeter_with_lanes({"PingPong": ping_pong}), greeter_pb2.DESCRIPTOR.services_by_name["Greeter"]
+    )
+    assert {m.name: m.lane for m in methods} == {
+        "Call": None,
+        "Stream": None,
+        "Collect": None,
+        "PingPong": ping_pong,
+    }
+
+
+@pytest.mark.parametrize(
+    ("rpc", "sync", "error"),
+    [
+        ("Call", False, "Call is not bidirectional"),
+        ("Collect", False, "Collect is not bidirectional"),
+        ("PingPong", True, "must be a coroutine function"),
+        ("Pong", False, "lanes names no RPC of .*Greeter: \\['Pong'\\]"),
+    ],
+)
+def test_a_lane_that_cannot_serve_its_rpc_is_refused(
+    greeter_pb2: ModuleType, rpc: str, sync: bool, error: str
+) -> None:
+    async def lane(lane: Any, context: Context) -> None: ...
+
+    def sync_lane(lane: Any, context: Context) -> None: ...
+
+    handler = greeter_with_lanes({rpc: sync_lane if sync else lane})
+    with pytest.raises(TypeError, match=error):
+        bind(handler, greeter_pb2.DESCRIPTOR.services_by_name["Greeter"])
 
 
 async def test_no_daemon_is_a_clear_setup_error(micro_home: Path, greeter_pb2: ModuleType) -> None:

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import grpc.aio
 import pytest
 
 from micro._binding import bind
-from micro._dispatch import Dispatcher
+from micro._dispatch import Dispatcher, LocalLane, LocalStream
 from micro._grpc_errors import error_from_rpc
 from micro.context import Context
 from micro.errors import BadRequest
@@ -49,6 +50,61 @@ class Requests:
         if request is None:
             raise StopAsyncIteration
         return request
+
+
+class QueueLane:
+    """The ``Lane`` a relay gives ``publish_lane``, over a ``Requests`` queue the test feeds."""
+
+    def __init__(self, requests: Requests) -> None:
+        self.queue = requests.queue
+        self.arrived: deque[Any] = deque()  # taken off the queue by ``wait``, not by ``take`` yet
+        self.answers: asyncio.Queue[events_pb2.PublishResults] = asyncio.Queue()
+
+    def take(self) -> bytes | None:
+        if not self.arrived and not self.queue.empty():
+            self.arrived.append(self.queue.get_nowait())
+        if not self.arrived or self.arrived[0] is None:
+            return None
+        request = self.arrived.popleft()
+        return request if isinstance(request, bytes) else bytes(request.SerializeToString())
+
+    async def wait(self) -> bool:
+        if not self.arrived:
+            self.arrived.append(await self.queue.get())
+        return self.arrived[0] is not None
+
+    def send(self, response: bytes) -> None:
+        self.answers.put_nowait(events_pb2.PublishResults.FromString(response))
+
+
+async def lane_answers(
+    handler: StreamHandler, requests: Requests, context: Context
+) -> AsyncIterator[events_pb2.PublishResults]:
+    """``PublishStream``'s answers as its lane gives them, until the lane returns (or raises)."""
+    lane = QueueLane(requests)
+    running = asyncio.ensure_future(handler.publish_lane(lane, context))
+    while True:
+        answer = asyncio.ensure_future(lane.answers.get())
+        await asyncio.wait([answer, running], return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            yield answer.result()
+            continue
+        answer.cancel()
+        while not lane.answers.empty():
+            yield lane.answers.get_nowait()
+        running.result()
+        return
+
+
+PublishStream = Callable[[StreamHandler, Requests, Context], AsyncIterator[events_pb2.PublishResults]]
+
+
+@pytest.fixture(params=["iterators", "lane"])
+def publish_stream(request: pytest.FixtureRequest) -> PublishStream:
+    """``PublishStream`` served as the gRPC server serves it (iterators) or as the relay does (lane)."""
+    if request.param == "lane":
+        return lane_answers
+    return lambda handler, requests, context: handler.PublishStream(requests, context)
 
 
 def options(**fields: Any) -> events_pb2.ConsumeRequest:
@@ -123,7 +179,7 @@ def message(*events: events_pb2.PublishRequest) -> events_pb2.PublishBatchReques
 
 
 async def test_publish_stream_answers_each_event_in_order_and_goes_on_after_a_bad_one(
-    backend: MemoryEvents,
+    backend: MemoryEvents, publish_stream: PublishStream
 ) -> None:
     requests = Requests(message(events_pb2.PublishRequest(topic="t", payload=b"0")))
     requests.queue.put_nowait(
@@ -136,7 +192,7 @@ async def test_publish_stream_answers_each_event_in_order_and_goes_on_after_a_ba
     requests.queue.put_nowait(message())
     requests.queue.put_nowait(message(events_pb2.PublishRequest(topic="t", payload=b"2")))
     requests.queue.put_nowait(None)
-    answers = [list(r.results) async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    answers = [list(r.results) async for r in publish_stream(StreamHandler(backend), requests, ALICE)]
     assert [[(r.sequence, r.error.code, r.error.id) for r in answer] for answer in answers] == [
         [(1, 0, "")],
         [(2, 0, ""), (0, 400, "events"), (0, 413, "events")],
@@ -149,7 +205,9 @@ async def test_publish_stream_answers_each_event_in_order_and_goes_on_after_a_ba
     assert [e.payload for e in await backend.read("alice", "t")] == [b"0", b"1", b"2"]
 
 
-async def test_publish_stream_batches_what_has_arrived(backend: MemoryEvents, monkeypatch: Any) -> None:
+async def test_publish_stream_batches_what_has_arrived(
+    backend: MemoryEvents, monkeypatch: Any, publish_stream: PublishStream
+) -> None:
     batches: list[int] = []
     publish_many = backend.publish_many
 
@@ -160,14 +218,14 @@ async def test_publish_stream_batches_what_has_arrived(backend: MemoryEvents, mo
     monkeypatch.setattr(backend, "publish_many", counted)
     one = events_pb2.PublishRequest(topic="t", payload=b"x")
     requests = Requests(*(message(one, one) for _ in range(600)), None)
-    answers = [list(r.results) async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    answers = [list(r.results) async for r in publish_stream(StreamHandler(backend), requests, ALICE)]
     assert [len(answer) for answer in answers] == [2] * 600
     assert [r.sequence for answer in answers for r in answer] == list(range(1, 1201))
     assert max(batches) == service.PUBLISH_BATCH and len(batches) < 10
 
 
 async def test_publish_stream_sends_a_waited_for_message_alone_and_batches_what_came_meanwhile(
-    backend: MemoryEvents, monkeypatch: Any
+    backend: MemoryEvents, monkeypatch: Any, publish_stream: PublishStream
 ) -> None:
     batches: list[list[bytes]] = []
     gates: list[asyncio.Event] = []
@@ -184,7 +242,7 @@ async def test_publish_stream_sends_a_waited_for_message_alone_and_batches_what_
     got: list[int] = []
 
     async def collect() -> None:
-        async for answer in StreamHandler(backend).PublishStream(requests, ALICE):
+        async for answer in publish_stream(StreamHandler(backend), requests, ALICE):
             got.extend(r.sequence for r in answer.results)
 
     def send(payload: bytes) -> None:
@@ -213,16 +271,59 @@ async def test_publish_stream_sends_a_waited_for_message_alone_and_batches_what_
     gates[2].set()
     requests.queue.put_nowait(None)
     await asyncio.wait_for(collecting, TIMEOUT)
-    assert batches == [[b"a"], [b"a2", b"b", b"c"], [b"d", b"e"]]
+    if publish_stream is lane_answers:
+        # A lane takes what has arrived, without a read to start: a2 came with a, and goes with it.
+        assert batches == [[b"a", b"a2"], [b"b", b"c"], [b"d", b"e"]]
+    else:
+        assert batches == [[b"a"], [b"a2", b"b", b"c"], [b"d", b"e"]]
     assert got == [1, 2, 3, 4, 5, 6]
 
 
-async def test_publish_stream_answers_a_refused_batch_with_its_error(backend: MemoryEvents) -> None:
+async def test_publish_stream_answers_a_refused_batch_with_its_error(
+    backend: MemoryEvents, publish_stream: PublishStream
+) -> None:
     await backend.close()
     requests = Requests(message(events_pb2.PublishRequest(topic="t", payload=b"x")), None)
-    [answer] = [r async for r in StreamHandler(backend).PublishStream(requests, ALICE)]
+    [answer] = [r async for r in publish_stream(StreamHandler(backend), requests, ALICE)]
     [result] = answer.results
     assert result.error.code == 503 and not result.sequence
+
+
+def test_a_server_that_parses_calls_itself_serves_publish_stream_with_its_lane(backend: MemoryEvents) -> None:
+    dispatcher = Dispatcher()
+    dispatcher.add("events", bind(StreamHandler(backend), events_pb2.DESCRIPTOR.services_by_name["Stream"]))
+    assert isinstance(dispatcher.local("/micro.events.v1.Stream/PublishStream", None), LocalLane)
+    assert isinstance(dispatcher.local("/micro.events.v1.Stream/Consume", None), LocalStream)
+
+
+async def test_a_lane_answers_what_came_before_a_message_that_does_not_decode(backend: MemoryEvents) -> None:
+    good = message(events_pb2.PublishRequest(topic="t", payload=b"ok"))
+    requests = Requests(good, b"\x0f\xff", good)  # not a PublishBatchRequest (wire type 7)
+    answers: list[list[int]] = []
+    with pytest.raises(BadRequest, match=r"malformed micro\.events\.v1\.PublishBatchRequest"):
+        async for answer in lane_answers(StreamHandler(backend), requests, ALICE):
+            answers.append([r.sequence for r in answer.results])
+    assert answers == [[1]]
+    assert [e.payload for e in await backend.read("alice", "t")] == [b"ok"]
+
+
+async def test_a_lane_keeps_a_message_over_the_batch_limit_for_the_next_batch(
+    backend: MemoryEvents, monkeypatch: Any
+) -> None:
+    batches: list[int] = []
+    publish_many = backend.publish_many
+
+    async def counted(namespace: str, items: Any) -> list[tuple[str, int]]:
+        batches.append(len(items))
+        return await publish_many(namespace, items)
+
+    monkeypatch.setattr(backend, "publish_many", counted)
+    one = events_pb2.PublishRequest(topic="t", payload=b"x")
+    limit = service.PUBLISH_BATCH
+    requests = Requests(message(*[one] * (limit - 1)), message(one, one), message(*[one] * (limit + 1)), None)
+    answers = [len(r.results) async for r in lane_answers(StreamHandler(backend), requests, ALICE)]
+    assert answers == [limit - 1, 2, limit + 1]
+    assert batches == [limit - 1, 2, limit + 1]  # a message alone may pass the limit: never split
 
 
 async def test_consume_with_manual_acks(backend: MemoryEvents) -> None:

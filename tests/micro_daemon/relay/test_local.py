@@ -19,8 +19,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
 from micro._binding import bind
-from micro._dispatch import Dispatcher
+from micro._dispatch import Dispatcher, Lane
 from micro.auth import Account
+from micro.codec import decode_proto
 from micro.context import Context
 from micro.errors import Conflict, Forbidden, InternalServerError, MicroError, NotFound, PayloadTooLarge
 from micro.http2_transport import Http2Transport
@@ -160,6 +161,29 @@ class Blobs:
         return _Outcome(self.finished)
 
 
+class LaneBlobs(Blobs):
+    """``Blobs`` whose ``Chat`` also has a lane, which the relay serves it with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes = {"Chat": self.chat_lane}
+
+    async def Chat(self, requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        raise AssertionError("the relay serves Chat with its lane")
+        yield  # an async generator, as a bidirectional method must be
+
+    async def chat_lane(self, lane: Lane, context: Context) -> None:
+        """What ``Blobs.Chat`` answers, through the lane."""
+        self._begin("Chat", context)
+        async with self._outcome():
+            while await lane.wait():
+                while (data := lane.take()) is not None:
+                    request = decode_proto(data, Blob)
+                    lane.send(blob(data=request.data[::-1], text=request.text, count=request.count))
+                    if request.text == "hold":
+                        await self.release.wait()
+
+
 class _Outcome:
     def __init__(self, finished: asyncio.Queue[str]) -> None:
         self._finished = finished
@@ -209,8 +233,13 @@ class Hooks:
 
 
 @pytest.fixture
-def blobs() -> Blobs:
-    return Blobs()
+def blobs(request: pytest.FixtureRequest) -> Blobs:
+    """The handler; ``lane`` (indirect parametrization) serves ``Chat`` with a lane."""
+    return LaneBlobs() if getattr(request, "param", None) == "lane" else Blobs()
+
+
+# The bidirectional tests, with Chat served through its async iterators and through a lane.
+both_forms = pytest.mark.parametrize("blobs", ["iterators", "lane"], indirect=True)
 
 
 @pytest.fixture
@@ -474,6 +503,7 @@ async def test_admit_refuses_a_unary_call(
     assert len(hooks.authenticated) == 2
 
 
+@both_forms
 async def test_admit_refuses_a_bidi_call_whose_caller_writes_at_once(
     channel: grpc.aio.Channel, transport: Http2Transport, blobs: Blobs, hooks: Hooks
 ) -> None:
@@ -503,6 +533,7 @@ async def test_admit_refuses_a_bidi_call_whose_caller_writes_at_once(
     assert hooks.admitted == ["Blobs.Chat"] * 15
 
 
+@both_forms
 async def test_admit_refuses_a_bidi_call_whose_caller_waits(
     channel: grpc.aio.Channel, transport: Http2Transport
 ) -> None:
@@ -546,6 +577,7 @@ async def test_client_streaming(channel: grpc.aio.Channel, transport: Http2Trans
     assert (parse(empty).text, parse(empty).count) == (sha256([]), 0)
 
 
+@both_forms
 async def test_bidi_streaming(channel: grpc.aio.Channel, transport: Http2Transport) -> None:
     requests = [blob(data=payload(i, 200), count=i) for i in range(500)]
     answers = [parse(m) async for m in channel.stream_stream(CHAT)(aiter_of(requests), timeout=TIMEOUT)]
@@ -561,6 +593,7 @@ async def test_bidi_streaming(channel: grpc.aio.Channel, transport: Http2Transpo
     assert await call.read() == grpc.aio.EOF
 
 
+@both_forms
 async def test_messages_over_a_megabyte_both_ways(
     channel: grpc.aio.Channel, transport: Http2Transport
 ) -> None:
@@ -613,6 +646,22 @@ async def test_a_slow_reader_of_a_server_stream_holds_the_handler_back(
     assert await call.read() == grpc.aio.EOF
 
 
+@pytest.mark.parametrize("blobs", ["lane"], indirect=True)
+async def test_a_slow_reader_of_a_lane_holds_it_back(
+    local_relay: Relay, transport: Http2Transport, blobs: Blobs
+) -> None:
+    size, count = 256 * 1024, 100  # 25 MiB of answers the lane could send at once
+    requests = [blob(data=payload(i, size), count=i) for i in range(count)]
+    stream = transport.bidi_stream(CHAT, aiter_of(requests), metadata=(), timeout=TIMEOUT)
+    assert parse(await anext(stream)).count == 0
+    most = 0
+    for _ in range(25):
+        await asyncio.sleep(0.02)
+        most = max(most, queued(local_relay))
+    assert most < 2 << 20, f"the relay holds {most} bytes of answers"  # a window's worth, and a batch
+    assert [parse(m).count async for m in stream] == list(range(1, count))
+
+
 async def test_a_handler_failing_midway_through_a_stream(
     channel: grpc.aio.Channel, transport: Http2Transport
 ) -> None:
@@ -633,6 +682,7 @@ async def test_a_handler_failing_midway_through_a_stream(
             pass
 
 
+@both_forms
 async def test_cancelling_a_stream_cancels_the_handler(
     channel: grpc.aio.Channel, transport: Http2Transport, blobs: Blobs
 ) -> None:
@@ -667,6 +717,7 @@ async def test_a_stream_message_over_the_limit(local_relay: Relay, raw: RawClien
     await settled(local_relay)
 
 
+@both_forms
 async def test_a_bad_request_message_after_responses_began(
     local_relay: Relay, raw: RawClient, channel: grpc.aio.Channel
 ) -> None:
