@@ -141,9 +141,10 @@ class ConsumeSpec:
             raise BadRequest(f"max_in_flight must be 1 or more, not {self.max_in_flight}", id=ERROR_ID)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PublishItem:
-    """One event to publish; ``timestamp_ns`` 0 means now."""
+    """One event to publish; ``timestamp_ns`` 0 means now. Not to be changed once made (not frozen:
+    a frozen dataclass sets each field through ``object.__setattr__``, and one is made per event)."""
 
     topic: str
     payload: bytes

@@ -157,7 +157,7 @@ def metadata_json(metadata: Mapping[str, str]) -> str:
 
 def headers_size(headers: Mapping[str, str]) -> int:
     """Bytes ``headers`` take on the wire (``NATS/1.0`` line and blank line included)."""
-    return 12 + sum(len(key) + len(value.encode()) + 4 for key, value in headers.items())
+    return 12 + len("".join([f"{key}: {value}\r\n" for key, value in headers.items()]).encode())
 
 
 def _event(topic: str, headers: Mapping[str, str], payload: bytes, stored_ns: int) -> events_pb2.Event:

@@ -44,9 +44,11 @@ class Unsupported(Exception):
     """The server or the address asks for something this connection does not speak (TLS)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
-    """A message answering a publish: its headers (``Status`` for a control message) and body."""
+    """A message answering a publish: its headers (``Status`` for a control message) and body.
+
+    Not to be changed once made (not frozen, which costs a call per field: one is made per publish)."""
 
     headers: dict[str, str] | None
     data: bytes
@@ -367,11 +369,10 @@ class _Connection(BufferedReads):
 
 
 def _header_block(headers: Mapping[str, str]) -> bytes:
-    lines = [_HEADER_LINE]
-    for key, value in headers.items():
-        lines.append(f"{key}: {value}\r\n".encode())
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    # The lines joined as text and encoded once: a publish has half a dozen (a fifth of the calls).
+    return (
+        _HEADER_LINE + "".join([f"{key}: {value}\r\n" for key, value in headers.items()]).encode() + b"\r\n"
+    )
 
 
 def _parse_headers(block: bytes) -> dict[str, str]:

@@ -25,9 +25,9 @@ from micro.errors import ServiceUnavailable, SetupError
 from micro.testing.messaging import EventsContract
 from micro_daemon.events.backend import ConsumeSpec, EventsBackend, PublishItem, Retention, Start
 from micro_daemon.events.jetstream import JetStreamEvents, open_jetstream
-from micro_daemon.events.jetstream_wire import STREAM_NOT_FOUND, ApiError, metadata_json
+from micro_daemon.events.jetstream_wire import STREAM_NOT_FOUND, ApiError, headers_size, metadata_json
 from micro_daemon.events.jetstream_writer import _PLAIN_ACK, _ack
-from micro_daemon.events.nats_publisher import Reply
+from micro_daemon.events.nats_publisher import Reply, _header_block
 from tests._engines import PrivateNats
 
 NATS_URL = os.environ.get("MICRO_TEST_NATS", "nats://127.0.0.1:4222")
@@ -219,6 +219,14 @@ async def test_the_servers_usual_ack_is_read_without_a_json_parse(address: str) 
 )
 def test_metadata_is_written_as_json_dumps_writes_it(metadata: dict[str, str]) -> None:
     assert metadata_json(metadata) == json.dumps(metadata, separators=(",", ":"))
+
+
+def test_the_size_of_headers_is_what_the_publisher_writes_for_them() -> None:
+    headers = {"Nats-Msg-Id": "id-1", "Micro-Meta": metadata_json({"k": "é"}), "Note": "ünï ✓", "E": ""}
+    block = _header_block(headers)
+    assert block == b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+    assert headers_size(headers) == len(block)
+    assert headers_size({}) == len(_header_block({})) == len(b"NATS/1.0\r\n\r\n")
 
 
 @pytest.mark.parametrize(
