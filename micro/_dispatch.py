@@ -223,6 +223,12 @@ class _Call:
             dispatcher.admit(context)
         return context
 
+    async def begin(self, metadata: Iterable[tuple[str, Any]], peer: str, deadline: float | None) -> Context:
+        """``enter``, and make the call's ``Context`` the current one (of the caller's context)."""
+        context = await self.enter(metadata, peer, deadline)
+        _current.set(context)
+        return context
+
     def failed(self, error: MicroError, peer: str) -> None:
         """Count ``error`` and log it if it refused access."""
         self.counters.errors += 1
@@ -302,8 +308,7 @@ class LocalUnary:
     ) -> bytes:
         call = self._call
         with call.errors_counted(peer):
-            context = await call.enter(metadata, peer, deadline)
-            _current.set(context)
+            context = await call.begin(metadata, peer, deadline)
             return call.encode(await call.method.func(call.decode(data), context))
         raise AssertionError("unreachable")  # errors_counted re-raises
 
@@ -329,8 +334,7 @@ class LocalStream:
         call = self._call
         method = call.method
         with call.errors_counted(peer):
-            context = await call.enter(metadata, peer, deadline)
-            _current.set(context)
+            context = await call.begin(metadata, peer, deadline)
             if not method.client_streaming:
                 request = await anext(requests, None)
                 if request is None:
@@ -380,8 +384,7 @@ class LocalLane:
     ) -> None:
         call = self._call
         with call.errors_counted(peer):
-            context = await call.enter(metadata, peer, deadline)
-            _current.set(context)
+            context = await call.begin(metadata, peer, deadline)
             await self._lane(lane, context)
 
 

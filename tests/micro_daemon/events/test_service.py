@@ -99,6 +99,19 @@ async def lane_answers(
 PublishStream = Callable[[StreamHandler, Requests, Context], AsyncIterator[events_pb2.PublishResults]]
 
 
+def batch_sizes(backend: MemoryEvents, monkeypatch: Any) -> list[int]:
+    """The number of events of each ``publish_many`` call to ``backend``, as the calls are made."""
+    batches: list[int] = []
+    publish_many = backend.publish_many
+
+    async def counted(namespace: str, items: Any) -> list[tuple[str, int]]:
+        batches.append(len(items))
+        return await publish_many(namespace, items)
+
+    monkeypatch.setattr(backend, "publish_many", counted)
+    return batches
+
+
 @pytest.fixture(params=["iterators", "lane"])
 def publish_stream(request: pytest.FixtureRequest) -> PublishStream:
     """``PublishStream`` served as the gRPC server serves it (iterators) or as the relay does (lane)."""
@@ -208,14 +221,7 @@ async def test_publish_stream_answers_each_event_in_order_and_goes_on_after_a_ba
 async def test_publish_stream_batches_what_has_arrived(
     backend: MemoryEvents, monkeypatch: Any, publish_stream: PublishStream
 ) -> None:
-    batches: list[int] = []
-    publish_many = backend.publish_many
-
-    async def counted(namespace: str, items: Any) -> list[tuple[str, int]]:
-        batches.append(len(items))
-        return await publish_many(namespace, items)
-
-    monkeypatch.setattr(backend, "publish_many", counted)
+    batches = batch_sizes(backend, monkeypatch)
     one = events_pb2.PublishRequest(topic="t", payload=b"x")
     requests = Requests(*(message(one, one) for _ in range(600)), None)
     answers = [list(r.results) async for r in publish_stream(StreamHandler(backend), requests, ALICE)]
@@ -310,14 +316,7 @@ async def test_a_lane_answers_what_came_before_a_message_that_does_not_decode(ba
 async def test_a_lane_keeps_a_message_over_the_batch_limit_for_the_next_batch(
     backend: MemoryEvents, monkeypatch: Any
 ) -> None:
-    batches: list[int] = []
-    publish_many = backend.publish_many
-
-    async def counted(namespace: str, items: Any) -> list[tuple[str, int]]:
-        batches.append(len(items))
-        return await publish_many(namespace, items)
-
-    monkeypatch.setattr(backend, "publish_many", counted)
+    batches = batch_sizes(backend, monkeypatch)
     one = events_pb2.PublishRequest(topic="t", payload=b"x")
     limit = service.PUBLISH_BATCH
     requests = Requests(message(*[one] * (limit - 1)), message(one, one), message(*[one] * (limit + 1)), None)
