@@ -329,7 +329,7 @@ class JetStreamEvents(EventsBackend):
 
     def _check(self, entry: Entry) -> None:
         check_item(entry.item, self.max_event_bytes)
-        size = len(entry.item.payload) + headers_size(entry.headers) + CHAIN_HEADERS_BYTES
+        size = len(entry.item.payload) + headers_size(entry.lines) + CHAIN_HEADERS_BYTES
         if size > self.link.max_payload:
             raise PayloadTooLarge(
                 f"event for {entry.item.topic!r} takes {size} bytes as a NATS message; the server's "

@@ -33,7 +33,7 @@ from nats.aio.subscription import Subscription
 from micro.errors import ServiceUnavailable
 from micro.proto import events_pb2
 from micro_daemon.events.backend import ERROR_ID
-from micro_daemon.events.nats_publisher import Answers, Publisher, Reply, Unsupported
+from micro_daemon.events.nats_publisher import Answers, Headers, Publisher, Reply, Unsupported, header_dict
 
 __all__ = [
     "CONSUMER_NOT_FOUND",
@@ -48,7 +48,7 @@ __all__ = [
     "Delivery",
     "Link",
     "Stored",
-    "event_headers",
+    "event_header_lines",
     "headers_size",
     "map_nats_exceptions",
     "nats_error",
@@ -134,14 +134,15 @@ def parse_time(text: str) -> int:
     return seconds * 10**9 + int((fraction + "000000000")[:9])
 
 
-def event_headers(event_id: str, seq: int, metadata: Mapping[str, str], timestamp_ns: int) -> dict[str, str]:
-    """The headers that carry an event's id, sequence, metadata and timestamp."""
-    headers = {HEADER_ID: event_id, HEADER_SEQ: str(seq)}
+def event_header_lines(event_id: str, metadata: Mapping[str, str], timestamp_ns: int) -> bytes:
+    """The header lines (``header_lines``) that carry an event's id, metadata and timestamp; its
+    sequence (``HEADER_SEQ``) is the writer's to add, with the chain's."""
+    lines = f"{HEADER_ID}: {event_id}\r\n"
     if metadata:
-        headers[HEADER_META] = metadata_json(metadata)
+        lines += f"{HEADER_META}: {metadata_json(metadata)}\r\n"
     if timestamp_ns:
-        headers[HEADER_TIME] = str(timestamp_ns)
-    return headers
+        lines += f"{HEADER_TIME}: {timestamp_ns}\r\n"
+    return lines.encode()
 
 
 def metadata_json(metadata: Mapping[str, str]) -> str:
@@ -155,9 +156,10 @@ def metadata_json(metadata: Mapping[str, str]) -> str:
         return _COMPACT_JSON.encode(dict(metadata))
 
 
-def headers_size(headers: Mapping[str, str]) -> int:
-    """Bytes ``headers`` take on the wire (``NATS/1.0`` line and blank line included)."""
-    return 12 + len("".join([f"{key}: {value}\r\n" for key, value in headers.items()]).encode())
+def headers_size(lines: bytes) -> int:
+    """Bytes a header block of ``lines`` (``header_lines``) takes on the wire (``NATS/1.0`` line and
+    blank line included)."""
+    return 12 + len(lines)
 
 
 def _event(topic: str, headers: Mapping[str, str], payload: bytes, stored_ns: int) -> events_pb2.Event:
@@ -343,7 +345,7 @@ class Link:
         )
 
     async def send(
-        self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
+        self, subject: str, payload: bytes, headers: Headers | None = None
     ) -> asyncio.Future[Reply]:
         """Publish now, in call order; the future resolves with the answer, or fails with
         ``TimeoutError`` after the link's timeout.
@@ -356,7 +358,9 @@ class Link:
         token = f"{self._inbox}.{next(self._tokens)}"
         answer = self._answers.expect(token)
         try:
-            await self.nc.publish(subject, payload, reply=token, headers=dict(headers) if headers else None)
+            await self.nc.publish(
+                subject, payload, reply=token, headers=header_dict(headers) if headers else None
+            )
         except BaseException:
             self._answers.drop(token)
             raise

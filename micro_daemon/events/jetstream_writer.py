@@ -33,7 +33,7 @@ from micro_daemon.events.jetstream_wire import (
     WRONG_LAST_MSG_ID,
     WRONG_LAST_SEQUENCE,
     Link,
-    event_headers,
+    event_header_lines,
     nats_error,
     status,
 )
@@ -46,6 +46,7 @@ MAX_ROUNDS = 30
 MAX_KNOWN_TOPICS = 100_000
 CHAIN_HEADERS_BYTES = 160  # room the chain headers and the sequence take next to the event's own
 _CONFLICTS = {WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID}
+_CHAIN_LINES = f"{HEADER_SEQ}: %d\r\nNats-Expected-Last-Sequence: %d\r\n".encode()
 # nats-server writes ``{"stream":"S", "seq":N}``, a space after the comma; others may not.
 _PLAIN_ACK = re.compile(rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?"seq": ?(\d+)\}')
 
@@ -53,15 +54,16 @@ _PLAIN_ACK = re.compile(rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?
 class Entry:
     """One event waiting to be appended; ``done`` gets its topic sequence.
 
-    ``headers`` are its event headers (``event_headers``), made once: a burst only sets the sequence.
+    ``lines`` are its event's header lines (``event_header_lines``), written once: a burst adds
+    the sequence and the chain's.
     """
 
-    __slots__ = ("done", "headers", "id", "item")
+    __slots__ = ("done", "id", "item", "lines")
 
     def __init__(self, item: PublishItem, id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.item = item
         self.id = id
-        self.headers = event_headers(id, 0, item.metadata, item.timestamp_ns)
+        self.lines = event_header_lines(id, item.metadata, item.timestamp_ns)
         self.done: asyncio.Future[int] = loop.create_future()
 
 
@@ -218,17 +220,11 @@ class NamespaceWriter:
         for index, entry in enumerate(pending):
             topic = entry.item.topic
             seq = seqs.get(topic, known[topic]) + 1
-            headers = {
-                **entry.headers,
-                HEADER_SEQ: str(seq),
-                "Nats-Expected-Last-Sequence": str(last_seq + index),
-            }
+            lines = entry.lines + _CHAIN_LINES % (seq, last_seq + index)
             if index:
-                headers["Nats-Expected-Last-Msg-Id"] = pending[index - 1].id
+                lines += b"Nats-Expected-Last-Msg-Id: %s\r\n" % pending[index - 1].id.encode()
             try:
-                answers.append(
-                    await self.link.send(self._subject(entry.item.topic), entry.item.payload, headers)
-                )
+                answers.append(await self.link.send(self._subject(topic), entry.item.payload, lines))
             except ConnectionResetError:
                 break  # the connection is down: what was sent is awaited, the rest goes again
             seqs[topic] = seq

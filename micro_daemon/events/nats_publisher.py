@@ -31,13 +31,17 @@ from urllib.parse import unquote, urlsplit
 
 from micro._reads import BufferedReads, ReadFuture
 
-__all__ = ["Answers", "Publisher", "Reply", "Unsupported"]
+__all__ = ["Answers", "Headers", "Publisher", "Reply", "Unsupported", "header_dict", "header_lines"]
 
 RECONNECT_WAIT = 0.5  # seconds between attempts while the server is away
 _HEADER_LINE = b"NATS/1.0\r\n"
 _REPLY_SID = b"1"
 logger = logging.getLogger(__name__)
 K = TypeVar("K")
+
+
+Headers = Mapping[str, str] | bytes
+"""A publish's headers: a mapping, or already written as ``Key: Value\\r\\n`` lines (``header_lines``)."""
 
 
 class Unsupported(Exception):
@@ -146,9 +150,7 @@ class Publisher:
     def max_payload(self) -> int:
         return self._connection.max_payload if self._connection is not None else 1024 * 1024
 
-    async def send(
-        self, subject: str, payload: bytes, headers: Mapping[str, str] | None
-    ) -> asyncio.Future[Reply]:
+    async def send(self, subject: str, payload: bytes, headers: Headers | None) -> asyncio.Future[Reply]:
         """Publish now; the future resolves with the answer. ``ConnectionResetError`` while down.
 
         A caller's sends go out in the order it makes them (another caller's may come between).
@@ -242,13 +244,12 @@ class _Connection(BufferedReads):
         self._tokens = itertools.count(1)
         self._answers: Answers[bytes] = Answers(timeout)
 
-    def publish(
-        self, subject: str, payload: bytes, headers: Mapping[str, str] | None
-    ) -> asyncio.Future[Reply]:
+    def publish(self, subject: str, payload: bytes, headers: Headers | None) -> asyncio.Future[Reply]:
         assert self._transport is not None
         token = b"%d" % next(self._tokens)
         answer = self._answers.expect(token)
-        block = _header_block(headers or {})
+        lines = headers if isinstance(headers, bytes) else header_lines(headers or {})
+        block = _HEADER_LINE + lines + b"\r\n"
         self._transport.write(
             b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
             % (subject.encode(), self._inbox, token, len(block), len(block) + len(payload), block, payload)
@@ -368,11 +369,16 @@ class _Connection(BufferedReads):
             self._transport.write(data)
 
 
-def _header_block(headers: Mapping[str, str]) -> bytes:
-    # The lines joined as text and encoded once: a publish has half a dozen (a fifth of the calls).
-    return (
-        _HEADER_LINE + "".join([f"{key}: {value}\r\n" for key, value in headers.items()]).encode() + b"\r\n"
-    )
+def header_lines(headers: Mapping[str, str]) -> bytes:
+    """``headers`` as the ``Key: Value\\r\\n`` lines of a NATS header block (without its first line
+    and its blank last one)."""
+    # Joined as text and encoded once: line by line it was a fifth of a publish's builtin calls.
+    return "".join([f"{key}: {value}\r\n" for key, value in headers.items()]).encode()
+
+
+def header_dict(headers: Headers) -> dict[str, str]:
+    """``headers`` as a mapping, lines parsed (for a client that takes a mapping: nats-py)."""
+    return _parse_headers(_HEADER_LINE + headers) if isinstance(headers, bytes) else dict(headers)
 
 
 def _parse_headers(block: bytes) -> dict[str, str]:

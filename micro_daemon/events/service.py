@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from typing import Any
 
 from micro._dispatch import Lane
@@ -116,9 +116,17 @@ class StreamHandler:
     async def _publish_messages(
         self, namespace: str, messages: list[events_pb2.PublishBatchRequest]
     ) -> list[events_pb2.PublishResults]:
-        """Publish the valid events of ``messages`` as one batch; each message's answer."""
+        """Publish the valid events of ``messages`` as one batch; each message's answer: per event its
+        ``(id, sequence)``, or why it was not published (invalid, or the batch refused)."""
         entries = [_entry(event) for message in messages for event in message.events]
-        outcomes = iter(await self._publish_each(namespace, entries))
+        items = [entry for entry in entries if isinstance(entry, PublishItem)]
+        published: Iterator[tuple[str, int]] = iter(())
+        refused: MicroError | None = None
+        try:
+            published = iter(await self.backend.publish_many(namespace, items) if items else ())
+        except MicroError as error:
+            refused = error
+        outcomes = iter(entries)
         answers = []
         for message in messages:
             answer = events_pb2.PublishResults()
@@ -127,21 +135,13 @@ class StreamHandler:
                 outcome = next(outcomes)
                 if isinstance(outcome, MicroError):
                     add(error=_error(outcome))
+                elif refused is not None:
+                    add(error=_error(refused))
                 else:
-                    add(id=outcome[0], sequence=outcome[1])
+                    event_id, seq = next(published)
+                    add(id=event_id, sequence=seq)
             answers.append(answer)
         return answers
-
-    async def _publish_each(
-        self, namespace: str, batch: list[PublishItem | MicroError]
-    ) -> list[tuple[str, int] | MicroError]:
-        """Each entry's ``(id, sequence)``, or why it was not published."""
-        items = [entry for entry in batch if isinstance(entry, PublishItem)]
-        try:
-            published = iter(await self.backend.publish_many(namespace, items) if items else [])
-        except MicroError as refused:
-            return [e if isinstance(e, MicroError) else refused for e in batch]
-        return [e if isinstance(e, MicroError) else next(published) for e in batch]
 
     async def PublishBatch(
         self, request: events_pb2.PublishBatchRequest, context: Context

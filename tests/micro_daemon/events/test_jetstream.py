@@ -25,9 +25,18 @@ from micro.errors import ServiceUnavailable, SetupError
 from micro.testing.messaging import EventsContract
 from micro_daemon.events.backend import ConsumeSpec, EventsBackend, PublishItem, Retention, Start
 from micro_daemon.events.jetstream import JetStreamEvents, open_jetstream
-from micro_daemon.events.jetstream_wire import STREAM_NOT_FOUND, ApiError, headers_size, metadata_json
+from micro_daemon.events.jetstream_wire import (
+    HEADER_ID,
+    HEADER_META,
+    HEADER_TIME,
+    STREAM_NOT_FOUND,
+    ApiError,
+    event_header_lines,
+    headers_size,
+    metadata_json,
+)
 from micro_daemon.events.jetstream_writer import _PLAIN_ACK, _ack
-from micro_daemon.events.nats_publisher import Reply, _header_block
+from micro_daemon.events.nats_publisher import Reply, header_dict, header_lines
 from tests._engines import PrivateNats
 
 NATS_URL = os.environ.get("MICRO_TEST_NATS", "nats://127.0.0.1:4222")
@@ -221,12 +230,20 @@ def test_metadata_is_written_as_json_dumps_writes_it(metadata: dict[str, str]) -
     assert metadata_json(metadata) == json.dumps(metadata, separators=(",", ":"))
 
 
-def test_the_size_of_headers_is_what_the_publisher_writes_for_them() -> None:
+def test_header_lines_are_what_a_header_block_holds_and_read_back() -> None:
     headers = {"Nats-Msg-Id": "id-1", "Micro-Meta": metadata_json({"k": "é"}), "Note": "ünï ✓", "E": ""}
-    block = _header_block(headers)
-    assert block == b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
-    assert headers_size(headers) == len(block)
-    assert headers_size({}) == len(_header_block({})) == len(b"NATS/1.0\r\n\r\n")
+    lines = header_lines(headers)
+    assert lines == b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+    assert header_dict(lines) == headers == header_dict(headers)
+    assert headers_size(lines) == len(b"NATS/1.0\r\n" + lines + b"\r\n")
+    assert headers_size(header_lines({})) == len(b"NATS/1.0\r\n\r\n")
+
+
+def test_an_events_header_lines_carry_its_id_metadata_and_timestamp() -> None:
+    assert event_header_lines("id-1", {"Content-Type": "text/plain"}, 123) == header_lines(
+        {HEADER_ID: "id-1", HEADER_META: '{"Content-Type":"text/plain"}', HEADER_TIME: "123"}
+    )
+    assert event_header_lines("id-2", {}, 0) == header_lines({HEADER_ID: "id-2"})
 
 
 @pytest.mark.parametrize(
