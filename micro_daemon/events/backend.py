@@ -188,9 +188,9 @@ def _check_size(item: PublishItem, limit: int) -> None:
         raise BadRequest(
             f"timestamp must be 0 (now) or unix nanoseconds, not {item.timestamp_ns}", id=ERROR_ID
         )
-    metadata = item.metadata
-    size = len(item.payload) + sum(map(len, map(str.encode, metadata)))
-    size += sum(map(len, map(str.encode, metadata.values())))
+    size = len(item.payload)
+    for key, value in item.metadata.items():
+        size += len(key.encode()) + len(value.encode())
     if size > limit:
         raise PayloadTooLarge(
             f"event for {item.topic!r} is {size} bytes (payload and metadata); the limit is {limit}",

@@ -241,7 +241,8 @@ class NamespaceWriter:
         except BaseException:
             _cancel(answers)  # cancelled: nobody will read them
             raise
-        for index, (entry, answer) in enumerate(zip(pending[: len(answers)], answers, strict=True)):
+        for index, answer in enumerate(answers):
+            entry = pending[index]
             if not answer.done() or answer.cancelled() or answer.exception() is not None:
                 _cancel(answers[index:])
                 return pending[index:]  # unknown outcome: resend, de-duplicated by id
@@ -266,7 +267,9 @@ class NamespaceWriter:
         return pending[len(answers) :]
 
     def _resolve(self, entry: Entry, seq: int) -> None:
-        self._topics[entry.item.topic] = max(self._topics.get(entry.item.topic, 0), seq)
+        topic = entry.item.topic
+        if seq > self._topics.get(topic, 0):
+            self._topics[topic] = seq
         if not entry.done.done():
             entry.done.set_result(seq)
 
