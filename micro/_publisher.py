@@ -52,6 +52,10 @@ class _Stream:
         self.queued_answers: list[asyncio.Future[events_pb2.PublishResult]] = []
         self.waiting: deque[list[asyncio.Future[events_pb2.PublishResult]]] = deque()  # one per message
         self.closing = False
+        # When each waiting publish times out, in send order, and one timer for the earliest: a
+        # timer per publish (made and cancelled) was a tenth of a publish's work in the client.
+        self.deadlines: deque[tuple[float, asyncio.Future[events_pb2.PublishResult]]] = deque()
+        self.expiry: asyncio.TimerHandle | None = None
         self.idle: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
         # With a transport that can be written to directly, a publish goes out from its caller's
@@ -78,6 +82,38 @@ class _Stream:
         elif not self.opening and len(self.queued_answers) == 1:
             self.wakeups.put_nowait(True)
         return answer
+
+    def expire_after(
+        self, answer: asyncio.Future[events_pb2.PublishResult], timeout: float
+    ) -> asyncio.TimerHandle | None:
+        """Fail ``answer`` with ``Timeout`` unless it is done within ``timeout`` seconds.
+
+        Deadlines in send order share the stream's timer; one earlier than the last (a publish
+        made while serving a call with a shorter deadline) gets a timer of its own, returned for
+        the caller to cancel.
+        """
+        deadline = self.loop.time() + timeout
+        if self.deadlines and deadline < self.deadlines[-1][0]:
+            return self.loop.call_at(deadline, _expire, answer)
+        self.deadlines.append((deadline, answer))
+        expiry = self.expiry
+        if expiry is None or deadline < expiry.when():  # armed for one answered since: too late
+            if expiry is not None:
+                expiry.cancel()
+            self.expiry = self.loop.call_at(deadline, self._expire_due)
+        return None
+
+    def _expire_due(self) -> None:
+        self.expiry = None
+        now = self.loop.time()
+        deadlines = self.deadlines
+        while deadlines:
+            deadline, answer = deadlines[0]
+            if not answer.done() and deadline > now:
+                self.expiry = self.loop.call_at(deadline, self._expire_due)
+                return
+            deadlines.popleft()
+            _expire(answer)
 
     def _flush(self) -> None:
         self.flushing = False
@@ -154,6 +190,9 @@ class _Stream:
         for waiter, result in zip(waiters, answer.results, strict=True):
             if not waiter.done():
                 waiter.set_result(result)
+        deadlines = self.deadlines
+        while deadlines and deadlines[0][1].done():  # answered in order: what waits stays
+            deadlines.popleft()
         if not self.waiting and not self.queued_answers:
             self.idle_since = self.loop.time()
             if self.idle is None:
@@ -205,12 +244,12 @@ class _Publisher:
         stream = self._open()
         answer = stream.send(request)  # this caller's own: it may give up on it (time out, cancel)
         timeout = _timeout(self.client)
-        expiry = stream.loop.call_later(timeout, _expire, answer) if timeout is not None else None
+        own_timer = stream.expire_after(answer, timeout) if timeout is not None else None
         try:
             result = await answer
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            if own_timer is not None:
+                own_timer.cancel()
         if result.HasField("error"):
             error = result.error
             raise error_for_code(error.code, error.detail, id=error.id)

@@ -31,6 +31,7 @@ async def test_publishes_share_one_stream_and_keep_order(client: Client) -> None
     results = await asyncio.gather(*(EventsClient(client).publish("t", i) for i in range(50)))
     assert sorted(seq for _, seq in results) == list(range(4, 54))
     assert _publisher.publisher(client)._stream is stream
+    assert not stream.deadlines  # answered publishes keep nothing for the stream's timer
     stored = await events.read("t", limit=100)
     assert [e.sequence for e in stored] == list(range(1, 54))
     assert len({e.id for e in stored} | {event_id for event_id, _ in results}) == 53
