@@ -187,9 +187,10 @@ class _Stream:
             expected = len(self.waiting[0]) if self.waiting else 0
             raise ValueError(f"{len(answer.results)} results for {expected} events")
         waiters = self.waiting.popleft()
-        for waiter, result in zip(waiters, answer.results, strict=True):
+        results = answer.results  # as many as waiters (checked above): no zip(strict=True) to parse
+        for index, waiter in enumerate(waiters):
             if not waiter.done():
-                waiter.set_result(result)
+                waiter.set_result(results[index])
         deadlines = self.deadlines
         while deadlines and deadlines[0][1].done():  # answered in order: what waits stays
             deadlines.popleft()
