@@ -343,7 +343,7 @@ class Connection(BufferedReads):
     def _write_data(self, stream: Stream, payload: bytes, end: bool) -> bool:
         """Write as much as fits; queue the rest first in line. True if all of it went."""
         size = len(payload)
-        room = min(stream.window, self.window)
+        room = stream.window if stream.window < self.window else self.window  # min() parses its arguments
         if size > room:
             if room > 0:
                 self._write_data(stream, payload[:room], False)
