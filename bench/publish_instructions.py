@@ -30,7 +30,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from _common import PYTHON, Daemon, bench_env, emit_json, print_table
 from messaging import JetStream, payload
@@ -66,11 +68,11 @@ def counted(out: str) -> int:
     return max(totals, default=0)
 
 
-def callgrind(out: str, command: list[str], **popen: object) -> subprocess.Popen[bytes]:
+def callgrind(out: str, command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
     """``command`` under callgrind, counting nothing until ``callgrind_control -i on``."""
     return subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *command],
-        **popen,  # type: ignore[call-overload]
+        **popen,
     )
 
 
@@ -78,13 +80,13 @@ def control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-async def publishes(pid: int, publish: object, count: int) -> None:
+async def publishes(pid: int, publish: Callable[[int], Awaitable[object]], count: int) -> None:
     """Warm up, then ``count`` publishes with callgrind of ``pid`` counting; dump the counts."""
     for i in range(WARM):
-        await publish(i)  # type: ignore[operator]
+        await publish(i)
     control(pid, "-i", "on")
     for i in range(count):
-        await publish(i)  # type: ignore[operator]
+        await publish(i)
     control(pid, "-i", "off")
     control(pid, "-d")
 

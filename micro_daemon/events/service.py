@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 from micro._dispatch import Lane
@@ -92,26 +92,15 @@ class StreamHandler:
         after the messages before it are published and answered.
         """
         namespace = context.namespace
+        messages = _LaneMessages(lane)
         carried: events_pb2.PublishBatchRequest | None = None  # over the last batch's limit
         while carried is not None or await lane.wait():
-            batch, events = ([carried], len(carried.events)) if carried is not None else ([], 0)
-            carried = None
-            failure: MicroError | None = None
-            while events < PUBLISH_BATCH and (data := lane.take()) is not None:
-                try:
-                    message = decode_proto(data, events_pb2.PublishBatchRequest)
-                except MicroError as undecodable:
-                    failure = undecodable
-                    break
-                if batch and events + len(message.events) > PUBLISH_BATCH:
-                    carried = message
-                    break
-                batch.append(message)
-                events += len(message.events)
+            batch = [carried] if carried is not None else []
+            carried = _fill(batch, messages.arrived)
             for answer in await self._publish_messages(namespace, batch) if batch else ():
                 lane.send(answer.SerializeToString())
-            if failure is not None:
-                raise failure
+            if messages.failure is not None:
+                raise messages.failure
 
     async def _publish_messages(
         self, namespace: str, messages: list[events_pb2.PublishBatchRequest]
@@ -346,6 +335,42 @@ class _EventBatches:
         return batch
 
 
+def _fill(
+    batch: list[events_pb2.PublishBatchRequest],
+    arrived: Callable[[], events_pb2.PublishBatchRequest | None],
+) -> events_pb2.PublishBatchRequest | None:
+    """Add the messages that have ``arrived`` to ``batch`` (one at most, if any), up to about
+    ``PUBLISH_BATCH`` events; return the one taken that would pass it, to carry to the next batch.
+    A message alone may pass it: it is never split."""
+    events = len(batch[0].events) if batch else 0
+    while events < PUBLISH_BATCH and (message := arrived()) is not None:
+        if batch and events + len(message.events) > PUBLISH_BATCH:
+            return message
+        batch.append(message)
+        events += len(message.events)
+    return None
+
+
+class _LaneMessages:
+    """A lane's request messages, decoded as they are taken. The first that does not decode is
+    kept in ``failure``, and nothing is taken after it."""
+
+    __slots__ = ("failure", "lane")
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.failure: MicroError | None = None
+
+    def arrived(self) -> events_pb2.PublishBatchRequest | None:
+        if self.failure is not None or (data := self.lane.take()) is None:
+            return None
+        try:
+            return decode_proto(data, events_pb2.PublishBatchRequest)
+        except MicroError as undecodable:
+            self.failure = undecodable
+            return None
+
+
 class _Requests:
     """The messages of a ``PublishStream``, in batches of those that have arrived.
 
@@ -371,13 +396,9 @@ class _Requests:
         first, waited = await self._next()
         if first is None:
             return []
-        batch, events = [first], len(first.events)
-        while not waited and events < PUBLISH_BATCH and (request := self._arrived()) is not None:
-            if events + len(request.events) > PUBLISH_BATCH:
-                self._carried = request
-                break
-            batch.append(request)
-            events += len(request.events)
+        batch = [first]
+        if not waited:
+            self._carried = _fill(batch, self._arrived)
         return batch
 
     async def close(self) -> None:
