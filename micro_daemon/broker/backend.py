@@ -128,6 +128,10 @@ class BrokerBackend(abc.ABC):
         Registered before it returns: nothing published afterwards is missed.
         """
 
+    async def health(self) -> str:
+        """``"ok"``, or a short description of what is wrong with the engine."""
+        return "ok"
+
     @abc.abstractmethod
     async def close(self) -> None:
         """End every subscription and refuse later calls. Idempotent; must not raise."""

@@ -382,6 +382,13 @@ class NatsBroker(BrokerBackend):
                 raise
         return _NatsSubscription(self, inbox)
 
+    async def health(self) -> str:
+        if self._closed:
+            return "closed"
+        if not self._connection.is_connected:
+            return f"not connected to NATS at {self._address} (reconnecting)"
+        return "ok"
+
     async def close(self) -> None:
         if self._closed:
             return

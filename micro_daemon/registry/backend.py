@@ -128,5 +128,9 @@ class RegistryBackend(abc.ABC):
         watchers. Called periodically by the daemon.
         """
 
+    async def health(self) -> str:
+        """``"ok"``, or a short description of what is wrong with the engine."""
+        return "ok"
+
     async def close(self) -> None:  # noqa: B027  # optional hook, nothing to do by default
         """End every watcher and release resources. Called once at shutdown; must not raise."""

@@ -306,6 +306,15 @@ class NatsKVRegistry(RegistryBackend):
         ]
         return sum([await self._change(key, lambda current: current) for key in keys])
 
+    async def health(self) -> str:
+        if self._closed:
+            return "closed"
+        if self._lost:  # the copy is stale until the daemon restarts
+            return f"unavailable: {self._lost}"
+        if not self._connection.is_connected:
+            return f"not connected to NATS at {self._address} (reconnecting)"
+        return "ok"
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -193,9 +193,13 @@ def test_a_nats_restart_fails_calls_clearly_then_events_and_registry_resume(
 
         await asyncio.to_thread(nats.stop)
         health = DebugClient(client, service="events").health
-        async with asyncio.timeout(RECOVERY):
-            while (await health()).status == "ok":  # until the daemon has seen its connection drop
+        on_nats = ("events", "broker", "registry")
+        async with asyncio.timeout(RECOVERY):  # until the daemon has seen its connections drop
+            while "ok" in [(await health()).checks[engine] for engine in on_nats]:
                 await asyncio.sleep(0.02)
+        checks = (await health()).checks
+        assert checks["store"] == "ok", checks
+        assert all(nats.url in checks[engine] for engine in on_nats), checks
         calls = {
             "events": lambda: events.publish("orders", {"n": -1}),
             "registry": lambda: registry.register(service(2), ttl=60),
@@ -219,6 +223,9 @@ def test_a_nats_restart_fails_calls_clearly_then_events_and_registry_resume(
         await succeeds_again(lambda: registry.register(service(3), ttl=60))
         nodes = {n.id for s in await registry.get_service("probe") for n in s.nodes}
         assert {"probe-1", "probe-3"} <= nodes, nodes
+        recovered = await health()
+        assert recovered.status == "ok", recovered.checks
+        assert set(recovered.checks) == {"store", *on_nats}
 
     session(daemon, scenario)
 

@@ -216,12 +216,15 @@ async def test_message_over_the_servers_limit_is_too_large(nats_url: str, ns: st
 async def test_lost_connection_is_service_unavailable(nats_url: str, ns: str) -> None:
     broker = await NatsBroker.open(nats_url)
     subscription = await broker.subscribe(ns, "t")
+    assert await broker.health() == "ok"
     await broker._connection.close()
+    assert await broker.health() == f"not connected to NATS at {shown_address(nats_url)} (reconnecting)"
     with pytest.raises(ServiceUnavailable, match="closed"):
         await within(anext(subscription))
     with pytest.raises(ServiceUnavailable, match=re.escape(shown_address(nats_url))):
         await broker.publish(ns, "t", message(b"x"))
     await broker.close()
+    assert await broker.health() == "closed"
     with pytest.raises(ServiceUnavailable, match="closed"):
         await broker.subscribe(ns, "t")
 

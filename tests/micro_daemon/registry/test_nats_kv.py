@@ -239,7 +239,9 @@ async def test_abandoned_watcher_is_unsubscribed(opened) -> None:
 async def test_calls_after_close_are_refused(opened) -> None:
     registry = await opened()
     await registry.register("micro", svc("helloworld", "v1", "a"), TTL)
+    assert await registry.health() == "ok"
     await registry.close()
+    assert await registry.health() == "closed"
     with pytest.raises(ServiceUnavailable):
         await registry.register("micro", svc("helloworld", "v1", "a"), TTL)
     await registry.close()
@@ -250,6 +252,7 @@ async def test_a_lost_connection_ends_watchers_and_refuses_calls(opened) -> None
     watcher = registry.watch("micro")
     await registry._connection.close()
     assert [r async for r in watcher] == []
+    assert await registry.health() == f"unavailable: connection to NATS at {registry._address} closed"
     with pytest.raises(ServiceUnavailable, match="closed"):
         await registry.register("micro", svc("helloworld", "v1", "a"), TTL)
     with pytest.raises(ServiceUnavailable, match="closed"):
@@ -270,6 +273,7 @@ async def test_a_restarted_nats_refuses_writes_at_once_then_serves_them_again(tm
             return not registry._connection.is_connected
 
         await eventually(disconnected)
+        assert await registry.health() == f"not connected to NATS at {server.url} (reconnecting)"
 
         began = asyncio.get_running_loop().time()
         with pytest.raises(ServiceUnavailable, match="registry engine: not connected to NATS at nats://"):
@@ -288,6 +292,7 @@ async def test_a_restarted_nats_refuses_writes_at_once_then_serves_them_again(tm
                 except ServiceUnavailable:
                     await asyncio.sleep(0.1)
         assert await event(watcher) == ("update", "v1", ["a", "c"])
+        assert await registry.health() == "ok"
         await registry.close()
     finally:
         server.close()
