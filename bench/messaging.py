@@ -121,8 +121,12 @@ class Micro:
     async def close(self) -> None:
         await self.client.close()
 
+    def publisher(self, topic: str) -> Callable[[int], Awaitable[Any]]:
+        """One publish of ``payload(i)`` to ``topic``: what ``single`` runs ``count`` times."""
+        return lambda i: self.events.publish(topic, payload(i))
+
     async def single(self, topic: str, count: int, in_flight: int = 1) -> int:
-        return await concurrently(lambda i: self.events.publish(topic, payload(i)), count, in_flight)
+        return await concurrently(self.publisher(topic), count, in_flight)
 
     async def empty(self, count: int) -> int:
         """``Debug.Health`` of the events block, 1 in flight: the floor of any call through the daemon."""
@@ -236,9 +240,13 @@ class JetStream:
             await self.js.delete_stream(self.stream)
         await self.nc.close()
 
-    async def single(self, topic: str, count: int, in_flight: int = 1) -> int:
+    def publisher(self, topic: str) -> Callable[[int], Awaitable[Any]]:
+        """One ``js.publish`` of ``payload(i)`` to ``topic``'s subject, as ``single`` runs it."""
         subject = self.subject(topic)
-        return await concurrently(lambda i: self.js.publish(subject, payload(i)), count, in_flight)
+        return lambda i: self.js.publish(subject, payload(i))
+
+    async def single(self, topic: str, count: int, in_flight: int = 1) -> int:
+        return await concurrently(self.publisher(topic), count, in_flight)
 
     async def bulk(self, topic: str, count: int, size: int = PAYLOAD_SIZE, first: int = 0) -> int:
         """Pipelined: ``publish_async`` (up to 4,000 awaiting their acks), then wait for every ack."""
