@@ -341,7 +341,7 @@ class Daemon:
                 ("broker", self._broker),
                 ("registry", self._registry),
             )
-            if hasattr(backend, "health")
+            if backend is not None
         }
         debug = DebugHandler(self.dispatcher.counters, checks)
         debug_methods = bind(debug, debug_pb2.DESCRIPTOR.services_by_name["Debug"])
