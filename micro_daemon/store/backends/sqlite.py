@@ -11,7 +11,6 @@ conditional write is checked inside the transaction that applies it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import time
@@ -45,9 +44,13 @@ _SURROGATES = range(0xD800, 0xE000)
 
 
 def _rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] | list[Any]) -> list[Any]:
-    # A half-read cursor would pin its read snapshot: always drain and close.
-    with contextlib.closing(conn.execute(sql, params)) as cursor:
+    # A half-read cursor would pin its read snapshot: always drain and close (try/finally, not
+    # contextlib.closing: this runs for every read and write).
+    cursor = conn.execute(sql, params)
+    try:
         return cursor.fetchall()
+    finally:
+        cursor.close()
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
