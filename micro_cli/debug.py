@@ -17,24 +17,29 @@ __all__ = ["app"]
 
 app = typer.Typer(help="Health and statistics of services and of the server.", no_args_is_help=True)
 
-Service = Annotated[str, typer.Argument(help="Service to ask (default: the server itself).")]
+Service = Annotated[
+    str, typer.Argument(help="Service to ask (default: the server itself).", show_default=False)
+]
+# Every building block runs in the server's process and answers for it: with no service named,
+# the commands ask this one, and show "server".
+_SERVER_BLOCK = "registry"
 OutputOption = Annotated[Output | None, typer.Option("--output", help="table or json.")]
 
 
 @app.command()
-def health(service: Service = "registry", output: OutputOption = None) -> None:
+def health(service: Service = "", output: OutputOption = None) -> None:
     """Print the health of a service; for the server, the state of each engine it uses."""
     from micro.debug import DebugClient
 
     async def go() -> debug_pb2.HealthResponse:
         async with connect() as client:
-            return await DebugClient(client, service=service).health()
+            return await DebugClient(client, service=_asked(service)).health()
 
     answer = run(go())
     if output is Output.json:
         print_json({"status": answer.status, "checks": dict(answer.checks)})
         return
-    print(f"{service}: {answer.status}")
+    print(f"{service or 'server'}: {answer.status}")
     if answer.checks:
         print_table(["ENGINE", "STATE"], sorted(answer.checks.items()))
     if answer.status != "ok":
@@ -42,13 +47,13 @@ def health(service: Service = "registry", output: OutputOption = None) -> None:
 
 
 @app.command()
-def stats(service: Service = "registry", output: OutputOption = None) -> None:
+def stats(service: Service = "", output: OutputOption = None) -> None:
     """Print a service's uptime, memory, threads, garbage collections and request counts."""
     from micro.debug import DebugClient
 
     async def go() -> debug_pb2.StatsResponse:
         async with connect() as client:
-            return await DebugClient(client, service=service).stats()
+            return await DebugClient(client, service=_asked(service)).stats()
 
     answer = run(go())
     data = {
@@ -61,6 +66,11 @@ def stats(service: Service = "registry", output: OutputOption = None) -> None:
         "errors": answer.errors,
     }
     if output is Output.json:
-        print_json({"service": service, **data})
+        print_json({"service": service or "server", **data})
         return
-    print_table(["SERVICE", *(k.upper() for k in data)], [(service, *data.values())])
+    print_table(["SERVICE", *(k.upper() for k in data)], [(service or "server", *data.values())])
+
+
+def _asked(service: str) -> str:
+    """The service to call: the one named, else one of the server's blocks."""
+    return service or _SERVER_BLOCK

@@ -48,6 +48,14 @@ def test_debug_health_lists_the_engines(micro_server, micro_cli):
     assert answer["checks"] == {"store": "ok", "events": "ok", "broker": "ok", "registry": "ok"}
 
 
+def test_debug_health_and_stats_of_the_server_say_server(micro_server, micro_cli):
+    table = micro_cli("debug", "health").assert_success().out.splitlines()
+    assert table[0] == "server: ok"
+    assert [line.split()[0] for line in table[1:]] == ["ENGINE", "broker", "events", "registry", "store"]
+    stats = json.loads(micro_cli("debug", "stats", "--output", "json").assert_success().out)
+    assert stats["service"] == "server" and stats["requests"] >= 1
+
+
 def test_debug_stats_of_a_block(micro_server, micro_cli):
     outcome = micro_cli("debug", "stats", "store", "--output", "json").assert_success()
     assert json.loads(outcome.out)["service"] == "store"
