@@ -231,14 +231,15 @@ class PlatformDaemon:
     def banner(self) -> str:
         return self.log.read_text()
 
-    def client(self, **options: Any) -> Any:
-        """A ``micro.client.Client`` of this daemon, signed in as its owner (its MICRO_HOME's token)."""
+    def client(self, address: str = "", **options: Any) -> Any:
+        """A ``micro.client.Client`` signed in as this daemon's owner (its MICRO_HOME's token), of
+        this daemon or of the one at ``address``."""
         from micro.client import Client
         from micro.credentials import OwnerToken
         from micro.transport import connect
 
         owner = OwnerToken(self.home / "config" / "auth" / "owner.json")
-        return Client(connect(self.address), credentials=owner, **options)
+        return Client(connect(address or self.address), credentials=owner, **options)
 
     def micro(
         self, *args: str, timeout: float = 30, cwd: Path | None = None

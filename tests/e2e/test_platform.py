@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from micro.store import StoreClient
 from tests.e2e._support import (
     PLATFORM_TTL,
     Platform,
@@ -107,6 +108,17 @@ def test_two_daemons_share_services_store_config_and_events(platform: Platform, 
     # A value written through A is read through B; config and secrets too (one key for both).
     ok("--env", "a", "store", "write", "greeting", "hello from a")
     assert ok("--env", "b", "store", "read", "greeting").strip() == "hello from a"
+
+    # A token signed by A is valid on B: the platform has one signing key.
+    async def read_through_b_as_a() -> bytes:
+        client = a.client(address=b.address)
+        try:
+            [record] = await StoreClient(client).read("greeting")
+            return bytes(record.value)
+        finally:
+            await client.close()
+
+    assert asyncio.run(read_through_b_as_a()) == b"hello from a"
     ok("--env", "a", "config", "set", "app.colour", '"teal"')
     assert ok("--env", "b", "config", "get", "app.colour").strip() == "teal"
     ok("--env", "a", "config", "set", "db.password", "hunter2", "--secret")
