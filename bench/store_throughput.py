@@ -253,7 +253,8 @@ def report(results: dict[str, Result], calls: int, rounds: int) -> tuple[dict[st
     )
     stats = results["Debug.Stats (info)"]
     print(
-        "Debug.Health of the store block runs SELECT 1 on a reader thread; Debug.Stats touches no engine."
+        "Debug.Health of the store block asks the engine's state (no query, no thread); Debug.Stats"
+        " reads the process's figures."
         f"\nOver Debug.Stats (p50, {IN_FLIGHT} in flight / 1 in flight): "
         f"Health {base.p(50) / stats.p(50):.2f}x / {base.seq_p50 / stats.seq_p50:.2f}x, "
         f"read {results['Store.Read'].p(50) / stats.p(50):.2f}x / "

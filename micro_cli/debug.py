@@ -39,7 +39,7 @@ def health(service: Service = "", output: OutputOption = None) -> None:
     if output is Output.json:
         print_json({"status": answer.status, "checks": dict(answer.checks)})
         return
-    print(f"{service or 'server'}: {answer.status}")
+    print(f"{_shown(service)}: {answer.status}")
     if answer.checks:
         print_table(["ENGINE", "STATE"], sorted(answer.checks.items()))
     if answer.status != "ok":
@@ -66,11 +66,16 @@ def stats(service: Service = "", output: OutputOption = None) -> None:
         "errors": answer.errors,
     }
     if output is Output.json:
-        print_json({"service": service or "server", **data})
+        print_json({"service": _shown(service), **data})
         return
-    print_table(["SERVICE", *(k.upper() for k in data)], [(service or "server", *data.values())])
+    print_table(["SERVICE", *(k.upper() for k in data)], [(_shown(service), *data.values())])
 
 
 def _asked(service: str) -> str:
     """The service to call: the one named, else one of the server's blocks."""
     return service or _SERVER_BLOCK
+
+
+def _shown(service: str) -> str:
+    """The name the output gives: the one named, else ``server``."""
+    return service or "server"

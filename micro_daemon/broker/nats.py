@@ -17,8 +17,8 @@ A subscriber whose queue stays full, or whose pending queue overflows, is
 dropped: it yields what its own queue holds, then ``TooManyRequests``. NATS
 cannot count deliveries, so ``publish`` returns 0.
 
-The connection helpers here (``connect``, ``check_connected``, ``parse_address``,
-``shown_address``, ``map_nats_exceptions``) are shared with the NATS KV registry.
+The connection helpers here (``connect``, ``check_connected``, ``connection_state``,
+``parse_address``, ``shown_address``, ``map_nats_exceptions``) are shared with the NATS KV registry.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = [
     "NatsBroker",
     "check_connected",
     "connect",
+    "connection_state",
     "map_nats_exceptions",
     "open_nats",
     "parse_address",
@@ -167,12 +168,20 @@ def map_nats_exceptions(id: str, address: str) -> Iterator[None]:
         ) from exc
 
 
+def connection_state(connection: NATS, address: str) -> str:
+    """``"ok"``, or what is wrong with ``connection``: closed for good, or reconnecting."""
+    if connection.is_closed:
+        return f"the connection to NATS at {address} is closed"
+    if not connection.is_connected:
+        return f"not connected to NATS at {address} (reconnecting)"
+    return "ok"
+
+
 def check_connected(connection: NATS, id: str, address: str) -> None:
     """Raise ``ServiceUnavailable`` at once while ``connection`` is down (a call would only time out)."""
-    if connection.is_closed:
-        raise ServiceUnavailable(f"{id} engine: the connection to NATS at {address} is closed", id=id)
-    if not connection.is_connected:
-        raise ServiceUnavailable(f"{id} engine: not connected to NATS at {address} (reconnecting)", id=id)
+    state = connection_state(connection, address)
+    if state != "ok":
+        raise ServiceUnavailable(f"{id} engine: {state}", id=id)
 
 
 def parse_address(address: str, *, block: str, options: tuple[str, ...]) -> tuple[str, dict[str, str]]:
@@ -383,11 +392,7 @@ class NatsBroker(BrokerBackend):
         return _NatsSubscription(self, inbox)
 
     async def health(self) -> str:
-        if self._closed:
-            return "closed"
-        if not self._connection.is_connected:
-            return f"not connected to NATS at {self._address} (reconnecting)"
-        return "ok"
+        return "closed" if self._closed else connection_state(self._connection, self._address)
 
     async def close(self) -> None:
         if self._closed:

@@ -57,6 +57,7 @@ from micro_daemon.broker.nats import (
     DEFAULT_PREFIX,
     check_connected,
     connect,
+    connection_state,
     map_nats_exceptions,
     parse_address,
     shown_address,
@@ -311,9 +312,7 @@ class NatsKVRegistry(RegistryBackend):
             return "closed"
         if self._lost:  # the copy is stale until the daemon restarts
             return f"unavailable: {self._lost}"
-        if not self._connection.is_connected:
-            return f"not connected to NATS at {self._address} (reconnecting)"
-        return "ok"
+        return connection_state(self._connection, self._address)
 
     async def close(self) -> None:
         if self._closed:
